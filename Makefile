@@ -1,0 +1,37 @@
+# The two commands of the README: `make demo` and `make test`.
+# Each creates .venv on first use (torch==2.13.0 first, so pip never pulls a CUDA build),
+# and a rerun skips what is already installed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.privlm-installed
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test lint bench venv system clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+system:
+	@bash scripts/install-system.sh
+
+demo: venv
+	$(VENV)/bin/privlm demo
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: venv system lint
+	$(VENV)/bin/pytest -q
+
+bench: venv
+	$(PY) benchmarks/train.py
+
+clean:
+	rm -rf runs data .pytest_cache .ruff_cache

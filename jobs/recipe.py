@@ -1,0 +1,377 @@
+"""Training recipes: the one description of a job, YAML validated by pydantic.
+
+A bad recipe fails in `load_recipe` with a `RecipeError` that names the field, the bad value
+and what is allowed, before anything runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    """Base model: unknown keys are errors (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PosInt = Annotated[int, Field(gt=0)]
+Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class ModelConfig(Strict):
+    """Architecture and size of a decoder-only model built from scratch (no hub downloads)."""
+
+    architecture: Literal["llama", "gpt2"] = "llama"
+    hidden_size: PosInt = 256
+    num_layers: PosInt = 4
+    num_heads: PosInt = 4
+    num_kv_heads: PosInt | None = None
+    intermediate_size: PosInt | None = None
+    max_position_embeddings: PosInt = 2048
+    vocab_size: PosInt | None = Field(None, description="defaults to tokenizer.vocab_size")
+    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    dropout: Ratio = 0.0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+                "pick num_heads that divides hidden_size"
+            )
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={kv}")
+        if self.architecture == "gpt2" and self.num_kv_heads not in (None, self.num_heads):
+            raise ValueError("gpt2 has no grouped-query attention: leave num_kv_heads unset")
+        return self
+
+
+class TokenizerConfig(Strict):
+    """Byte-level BPE trained on the cleaned corpus, or an existing tokenizer directory."""
+
+    path: str | None = Field(None, description="existing tokenizer directory; None trains one")
+    vocab_size: PosInt = 8192
+    min_frequency: PosInt = 2
+
+    @field_validator("vocab_size")
+    @classmethod
+    def _vocab_floor(cls, v: int) -> int:
+        if v < 300:
+            raise ValueError(f"{v} is too small for byte-level BPE: use at least 300 (256 bytes + specials)")
+        return v
+
+
+class DataSource(Strict):
+    """One input: a directory or file. `{stdlib}` and `{purelib}` expand to this Python's folders."""
+
+    path: str
+    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
+    include: list[str] = Field(default_factory=lambda: ["*.txt", "*.md", "*.py"])
+    exclude: list[str] = Field(default_factory=list)
+    text_field: str = "text"
+    max_files: PosInt | None = None
+
+    def resolved_path(self) -> Path:
+        paths = sysconfig.get_paths()
+        expanded = self.path.format(stdlib=paths["stdlib"], purelib=paths["purelib"], prefix=sys.prefix)
+        return Path(expanded).expanduser()
+
+
+class FilterConfig(Strict):
+    """Length filters and Gopher-style quality heuristics (Rae et al. 2021, appendix A)."""
+
+    min_chars: int = Field(200, ge=0)
+    max_chars: PosInt = 1_000_000
+    min_words: int = Field(50, ge=0)
+    max_words: PosInt = 200_000
+    min_mean_word_length: float = Field(2.0, ge=0)
+    max_mean_word_length: float = Field(12.0, gt=0)
+    max_symbol_ratio: Ratio = Field(0.1, description="'#' and '...' per word")
+    max_duplicate_line_fraction: Ratio = 0.3
+    max_top_ngram_fraction: Ratio = Field(0.2, description="share of characters in the most common 2-gram")
+    min_alpha_word_fraction: Ratio = Field(0.5, description="share of words with an alphabetic character")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FilterConfig:
+        for lo, hi in (("min_chars", "max_chars"), ("min_words", "max_words"),
+                       ("min_mean_word_length", "max_mean_word_length")):
+            if getattr(self, lo) > getattr(self, hi):
+                raise ValueError(f"{lo}={getattr(self, lo)} is above {hi}={getattr(self, hi)}")
+        return self
+
+
+class DedupConfig(Strict):
+    """Exact (SHA-256) and near-duplicate (MinHash LSH) removal."""
+
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(0.8, gt=0.0, lt=1.0, description="estimated Jaccard above which docs are duplicates")
+    num_perm: int = Field(128, ge=16, le=1024)
+    shingle_size: int = Field(5, ge=1, le=32, description="word n-gram size of the shingles")
+
+
+class PIIConfig(Strict):
+    """Which kinds of personal data are replaced by typed placeholders."""
+
+    email: bool = True
+    phone: bool = True
+    ip_address: bool = True
+    id_number: bool = True
+
+
+class DataConfig(Strict):
+    """Raw inputs, cleaning thresholds, and where the shards go."""
+
+    sources: list[DataSource] = Field(min_length=1)
+    output_dir: str = "data/{name}"
+    num_shards: PosInt = 4
+    workers: PosInt = 2
+    eval_fraction: float = Field(0.02, ge=0.0, lt=0.5)
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    pii: PIIConfig = Field(default_factory=PIIConfig)
+
+
+class TrainingConfig(Strict):
+    """Batch geometry, schedule and stopping rule. Gradient accumulation is derived."""
+
+    sequence_length: PosInt = 256
+    micro_batch_size: PosInt = 8
+    global_batch_size: PosInt = 32
+    processes_per_node: PosInt = Field(1, description="ranks on one machine (GPUs, or CPU processes)")
+    nodes: PosInt = 1
+    learning_rate: float = Field(3e-4, gt=0, lt=1)
+    min_learning_rate: float = Field(3e-5, ge=0, description="floor of the cosine decay")
+    warmup_steps: int = Field(10, ge=0)
+    max_steps: PosInt | None = None
+    token_budget: PosInt | None = None
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    seed: int = 1234
+    log_every: PosInt = 10
+    activation_checkpointing: bool = False
+    threads_per_process: PosInt | None = Field(None, description="torch threads per rank; 1 on CPU by default")
+
+    @property
+    def world_size(self) -> int:
+        return self.processes_per_node * self.nodes
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.world_size)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.sequence_length
+
+    @property
+    def total_steps(self) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        assert self.token_budget is not None
+        return max(1, -(-self.token_budget // self.tokens_per_step))
+
+    @model_validator(mode="after")
+    def _geometry(self) -> TrainingConfig:
+        per_step = self.micro_batch_size * self.world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size "
+                f"x world size = {self.micro_batch_size} x {self.world_size} = {per_step}; "
+                f"use e.g. global_batch_size={max(per_step, self.global_batch_size // per_step * per_step)}"
+            )
+        if (self.max_steps is None) == (self.token_budget is None):
+            raise ValueError("set exactly one of max_steps and token_budget")
+        if self.min_learning_rate > self.learning_rate:
+            raise ValueError(
+                f"min_learning_rate={self.min_learning_rate} is above learning_rate={self.learning_rate}"
+            )
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be below max_steps={self.max_steps}")
+        return self
+
+
+class OptimizerConfig(Strict):
+    """Optimizer as DeepSpeed names it. `torch_adam` keeps resume bitwise exact on CPU."""
+
+    type: Literal["AdamW", "Adam"] = "AdamW"
+    torch_adam: bool = True
+    eps: float = Field(1e-8, gt=0)
+
+
+class DeepSpeedConfig(Strict):
+    """What goes into the DeepSpeed JSON config; `extra` is merged in verbatim."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    offload_param: Literal["none", "cpu", "nvme"] = "none"
+    nvme_path: str | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _offload(self) -> DeepSpeedConfig:
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ValueError(f"offload_param={self.offload_param!r} needs zero_stage 3")
+        if "nvme" in (self.offload_optimizer, self.offload_param) and not self.nvme_path:
+            raise ValueError("nvme offload needs nvme_path (a local NVMe folder)")
+        return self
+
+
+class CheckpointConfig(Strict):
+    """When and where checkpoints go; `interval: auto` is resolved by the job runner."""
+
+    interval: PosInt | Literal["auto"] = 100
+    keep: PosInt = 3
+    directory: str = "runs/{name}/checkpoints"
+    verify_checksums: bool = True
+
+
+class LoRAConfig(Strict):
+    """Low-rank adapters through peft."""
+
+    rank: PosInt = 8
+    alpha: float = Field(16.0, gt=0)
+    dropout: Ratio = 0.0
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class FinetuneConfig(Strict):
+    """Start from a pretrained checkpoint directory or a Hugging Face model directory."""
+
+    base: str
+    method: Literal["full", "lora"] = "lora"
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+
+
+class Recipe(Strict):
+    """A whole job: model, tokenizer, data, training, DeepSpeed, checkpoints, optional fine-tuning."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    run_dir: str = "runs/{name}"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    finetune: FinetuneConfig | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.model.vocab_size is None:
+            self.model.vocab_size = self.tokenizer.vocab_size
+        if self.model.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(
+                f"model.vocab_size={self.model.vocab_size} is below tokenizer.vocab_size="
+                f"{self.tokenizer.vocab_size}; leave model.vocab_size unset to follow the tokenizer"
+            )
+        if self.training.sequence_length > self.model.max_position_embeddings:
+            raise ValueError(
+                f"training.sequence_length={self.training.sequence_length} exceeds "
+                f"model.max_position_embeddings={self.model.max_position_embeddings}"
+            )
+        if self.finetune and self.finetune.method == "lora" and self.model.architecture == "gpt2":
+            bad = set(self.finetune.lora.target_modules) - {"c_attn", "c_proj", "c_fc"}
+            if bad:
+                raise ValueError(
+                    f"finetune.lora.target_modules={sorted(bad)} do not exist in gpt2; use c_attn, c_proj, c_fc"
+                )
+        return self
+
+    # --- resolved paths -------------------------------------------------------------------
+    def _fmt(self, template: str) -> Path:
+        return Path(template.format(name=self.name))
+
+    @property
+    def run_path(self) -> Path:
+        return self._fmt(self.run_dir)
+
+    @property
+    def data_path(self) -> Path:
+        return self._fmt(self.data.output_dir)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self._fmt(self.checkpoint.directory)
+
+    def fingerprint(self) -> str:
+        """A stable hash of the whole recipe, for lineage and cache keys."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run, with one line per problem: field, value, what is allowed."""
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(recipe)"
+    value = err.get("input")
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown field (check its spelling against the recipe schema)"
+    if err["type"] == "missing":
+        return f"{loc}: required field is missing"
+    shown = repr(value) if not isinstance(value, dict) else "{...}"
+    return f"{loc}: {msg} (got {shown})"
+
+
+def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    """Validate a recipe mapping; raise RecipeError listing every problem."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise RecipeError(f"{source} is not a valid recipe:\n  - " + "\n  - ".join(lines)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply `a.b.c=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} does not exist (recipes/ has the shipped ones)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path} must hold a mapping at the top level, not {type(data).__name__}")
+    for item in overrides or []:
+        apply_override(data, item)
+    return parse_recipe(data, str(path))
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set `training.max_steps=20` style overrides (values parsed as YAML) in place."""
+    if "=" not in item:
+        raise RecipeError(f"override {item!r} must look like section.field=value")
+    key, raw = item.split("=", 1)
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {item!r}: {p} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The recipe as YAML, as it is saved next to checkpoints and models."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,29 @@
+"""The `privlm` command: assembles each station's typer sub-app; nothing else.
+
+Station modules import their heavy dependencies (torch, ray, pulumi_aws) inside commands, so
+`privlm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from jobs.cli import data_app, demo_command, train_app
+
+app = typer.Typer(
+    help="privlm: data -> DeepSpeed training on Slurm -> MLflow registry -> Ray Serve, with its cost.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+app.command("demo")(demo_command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
