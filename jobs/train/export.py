@@ -1,0 +1,76 @@
+"""Export a run's final model in Hugging Face format (safetensors + tokenizer + lineage), atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from jobs.train.distributed import RankInfo, barrier
+
+LINEAGE_FILE = "privlm.json"
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished directory into place; an older one is removed only after the swap."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def gathered_state_dict(module: Any, rank: RankInfo) -> dict[str, Any] | None:
+    """All ranks: the full state dict on rank 0 (gathers ZeRO-3 partitions); None elsewhere."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        if rank.is_main:
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return None
+
+
+def export_full(module: Any, rank: RankInfo, out_dir: Path, tokenizer_dir: Path, lineage: dict[str, Any]) -> None:
+    """All ranks: write the trained model (not LoRA) to `out_dir` with its tokenizer."""
+    state = gathered_state_dict(module, rank)
+    if rank.is_main:
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        _finish(tmp, out_dir, tokenizer_dir, lineage)
+    barrier()
+
+
+def export_lora(module: Any, rank: RankInfo, base: str, out_dir: Path, adapter_dir: Path,
+                tokenizer_dir: Path, lineage: dict[str, Any]) -> None:
+    """All ranks: save the adapters, then (rank 0) merge them into a fresh copy of the base and save it."""
+    state = gathered_state_dict(module, rank)
+    if rank.is_main:
+        from peft import PeftModel
+
+        from jobs.train.lora import merge_lora
+        from jobs.train.model import load_pretrained
+
+        adapter_state = {k: v for k, v in state.items() if "lora_" in k}
+        tmp_adapter = adapter_dir.with_name(f".{adapter_dir.name}.tmp")
+        shutil.rmtree(tmp_adapter, ignore_errors=True)
+        module.save_pretrained(tmp_adapter, state_dict=adapter_state, safe_serialization=True)
+        replace_dir(tmp_adapter, adapter_dir)
+        merged = merge_lora(PeftModel.from_pretrained(load_pretrained(base), adapter_dir))
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged.save_pretrained(tmp, safe_serialization=True)
+        _finish(tmp, out_dir, tokenizer_dir, lineage)
+    barrier()
+
+
+def _finish(tmp: Path, out_dir: Path, tokenizer_dir: Path, lineage: dict[str, Any]) -> None:
+    """Add tokenizer and lineage to a model directory, then publish it."""
+    for f in tokenizer_dir.iterdir():
+        if f.is_file():
+            shutil.copy2(f, tmp / f.name)
+    (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1))
+    replace_dir(tmp, out_dir)

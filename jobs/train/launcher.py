@@ -1,0 +1,131 @@
+"""Start N training ranks on this machine, forward stop signals to them, and reap them.
+
+Event sequence it handles:
+1. SIGTERM/SIGUSR1/SIGUSR2/SIGINT reach the launcher -> forwarded to every rank; the ranks agree at
+   the next step boundary, write a checkpoint and exit 128+signal; the launcher exits with that code.
+2. A rank dies (OOM, SIGKILL, exception) -> its peers would hang in a collective, so the launcher
+   asks them to stop, waits `grace_s`, kills what is left, and exits non-zero. The next run resumes
+   from the last *published* checkpoint.
+3. The launcher itself is SIGKILLed -> the kernel kills the ranks (PR_SET_PDEATHSIG).
+Under torchrun, Slurm or submitit (RANK and WORLD_SIZE already set) the rank runs in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from jobs.recipe import Recipe, dump_recipe
+from jobs.train.distributed import accelerator_env, has_cuda, rank_env_present
+
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+
+
+def free_port() -> int:
+    """A free TCP port on loopback for the rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child: receive SIGKILL when the launcher dies (Linux prctl PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+
+
+def write_resolved_recipe(recipe: Recipe) -> Path:
+    """Save the validated recipe in the run directory; the ranks read this exact file."""
+    run = recipe.run_path
+    run.mkdir(parents=True, exist_ok=True)
+    target = run / "recipe.yaml"
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(dump_recipe(recipe))
+    os.replace(tmp, target)
+    return target
+
+
+def check_resources(recipe: Recipe) -> None:
+    """Refuse, before starting anything, a layout this machine cannot run."""
+    t = recipe.training
+    if t.nodes > 1:
+        raise SystemExit(
+            f"training.nodes={t.nodes}: a multi-node job needs a scheduler; use `privlm train submit` "
+            "(Slurm), or run under torchrun with RANK/WORLD_SIZE set on each node"
+        )
+    if has_cuda():
+        import torch
+
+        found = torch.cuda.device_count()
+        if t.processes_per_node > found:
+            raise SystemExit(
+                f"training.processes_per_node={t.processes_per_node} but this machine has {found} GPU(s); "
+                f"set training.processes_per_node<={found}"
+            )
+
+
+def launch_local(recipe: Recipe, recipe_path: Path | None = None, overrides: list[str] | None = None,
+                 grace_s: float = 10.0) -> int:
+    """Run the recipe with N local ranks (or this one rank under an external launcher); return the exit code."""
+    from jobs.train.engine import train
+
+    if rank_env_present():
+        return train(recipe)
+    check_resources(recipe)
+    resolved = write_resolved_recipe(recipe)
+    n = recipe.training.processes_per_node
+    threads = recipe.training.threads_per_process or (1 if not has_cuda() else 4)
+    base_env = {**os.environ, **accelerator_env(threads), "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n)}
+    cmd = [sys.executable, "-m", "jobs.train.engine", str(resolved)]
+    procs = [
+        subprocess.Popen(cmd, env={**base_env, "RANK": str(r), "LOCAL_RANK": str(r)}, preexec_fn=_die_with_parent)
+        for r in range(n)
+    ]
+    return supervise(procs, grace_s)
+
+
+def supervise(procs: list[subprocess.Popen], grace_s: float) -> int:
+    """Forward stop signals, wait for all ranks, stop the rest when one fails; return the exit code."""
+    received: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    failed_at: float | None = None
+    try:
+        while any(p.poll() is None for p in procs):
+            codes = [p.poll() for p in procs]
+            if failed_at is None and any(c not in (None, 0) for c in codes) and not received:
+                failed_at = time.monotonic()
+                bad = [i for i, c in enumerate(codes) if c not in (None, 0)]
+                print(f"[privlm] rank(s) {bad} exited with {[codes[i] for i in bad]}; stopping the others",
+                      file=sys.stderr, flush=True)
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+            if failed_at is not None and time.monotonic() - failed_at > grace_s:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.1)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    codes = [p.returncode for p in procs]
+    failures = [c for c in codes if c != 0]
+    if not failures:
+        return 0
+    # A rank killed by a signal reports -N; report it the shell's way (128+N).
+    return max(128 - c if c < 0 else c for c in failures)

@@ -1,0 +1,118 @@
+"""Training metrics: tokens/s, model FLOPs utilisation against the device's peak, JSONL output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.train.distributed import REPO_ROOT
+
+GPU_CATALOG = REPO_ROOT / "infra" / "catalog" / "gpus.csv"
+
+
+def measure_cpu_peak_flops(size: int = 512, repeats: int = 5) -> float:
+    """FLOP/s of this rank's threads on an fp32 matmul: the CPU's practical peak, measured."""
+    import torch
+
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(4):
+            torch.mm(a, b)
+        best = min(best, (time.perf_counter() - t0) / 4)
+    return 2.0 * size**3 / best
+
+
+def gpu_peak_flops(device_name: str, precision: str) -> float | None:
+    """Dense peak FLOP/s of a GPU from the hardware catalog (matched on its marketing name)."""
+    if not GPU_CATALOG.is_file():
+        return None
+    column = "bf16_dense_tflops" if precision in ("bf16", "fp16") else "tf32_dense_tflops"
+    with open(GPU_CATALOG) as fh:
+        rows = sorted(csv.DictReader(fh), key=lambda r: -len(r["match"]))
+    for row in rows:
+        if row["match"].lower() in device_name.lower():
+            return float(row[column]) * 1e12
+    return None
+
+
+def peak_flops(device: str, precision: str) -> tuple[float, str]:
+    """(peak FLOP/s of one rank's device, where the number came from)."""
+    if device == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name()
+        peak = gpu_peak_flops(name, precision)
+        if peak is not None:
+            return peak, f"catalog: {name}"
+        return measure_cuda_peak_flops(), f"measured matmul on {name} (not in {GPU_CATALOG.name})"
+    return measure_cpu_peak_flops(), "measured fp32 matmul on this CPU"
+
+
+def measure_cuda_peak_flops(size: int = 8192) -> float:
+    """bf16 matmul FLOP/s on the current GPU, for devices missing from the catalog."""
+    import torch
+
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    torch.mm(a, a)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        torch.mm(a, a)
+    torch.cuda.synchronize()
+    return 2.0 * size**3 * 10 / (time.perf_counter() - t0)
+
+
+@dataclass
+class ThroughputMeter:
+    """Tokens and time since the last report."""
+
+    flops_per_token: float
+    peak_flops_total: float
+    _tokens: int = 0
+    _since: float = field(default_factory=time.perf_counter)
+
+    def add(self, tokens: int) -> None:
+        self._tokens += tokens
+
+    def report(self) -> dict[str, float]:
+        """tokens/s and MFU over the interval; resets the interval."""
+        now = time.perf_counter()
+        elapsed = max(now - self._since, 1e-9)
+        tps = self._tokens / elapsed
+        self._tokens, self._since = 0, now
+        return {"tokens_per_s": tps, "mfu": tps * self.flops_per_token / self.peak_flops_total}
+
+
+class MetricsWriter:
+    """Appends one JSON object per record to metrics.jsonl (rank 0 only), flushed each line."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = path
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(path, "a", buffering=1)  # noqa: SIM115 - kept open for the run
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            self._fh.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+    def close(self) -> None:
+        if self.enabled:
+            self._fh.close()
+
+
+def format_step(record: dict[str, Any], total_steps: int) -> str:
+    """One human line per logged step."""
+    return (
+        f"step {record['step']:>6}/{total_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+        f"grad_norm {record['grad_norm']:.3f}  tok/s {record['tokens_per_s']:,.0f}  mfu {record['mfu']:.1%}"
+    )
