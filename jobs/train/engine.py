@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -40,6 +41,7 @@ class StopRequest:
 def train(recipe: Recipe) -> int:
     """Train one rank to the end (exit 0) or to a stop signal (checkpoint, exit 128+signal)."""
     t_start = time.perf_counter()
+    _quiet_libraries()
     stop = StopRequest()
     rank = init_distributed(recipe.training.threads_per_process)
     log = _logger(rank)
@@ -124,6 +126,17 @@ def train(recipe: Recipe) -> int:
 
 
 # --- the pieces the loop calls -----------------------------------------------------------------
+
+def _quiet_libraries() -> None:
+    """Keep the console to our own lines: DeepSpeed's info and torch's deprecation chatter off."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
 
 def _logger(rank: RankInfo):
     def log(message: str) -> None:

@@ -56,7 +56,7 @@ def build_model(cfg: ModelConfig, seed: int, eos_id: int | None = None) -> PreTr
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(cfg, eos_id), torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(hf_config(cfg, eos_id), dtype=torch.float32)
     return model
 
 
@@ -71,7 +71,7 @@ def load_pretrained(path: str | Path) -> PreTrainedModel:
             f"finetune.base={str(path)!r} is not a Hugging Face model directory (no config.json); "
             "point it at a pretraining run's exported model, e.g. runs/tiny-cpu/model"
         )
-    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:  # noqa: F821
