@@ -1,0 +1,82 @@
+"""Test helpers: the SMALL recipe, recipe writing, running the real CLI, reading metrics."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PRIVLM = [sys.executable, "-m", "privlm.cli"]
+
+# A model small enough that a 2-rank DeepSpeed step takes milliseconds on 2 cores.
+SMALL = {
+    "name": "small",
+    "model": {"architecture": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+              "intermediate_size": 128, "max_position_embeddings": 128},
+    "tokenizer": {"vocab_size": 1024},
+    "data": {
+        "sources": [{"path": "{stdlib}", "include": ["*.py"], "exclude": ["test/*", "*/tests/*", "idlelib/*"],
+                     "max_files": 120}],
+        "num_shards": 2, "workers": 2, "eval_fraction": 0.05,
+        "filters": {"min_chars": 200, "min_words": 20, "max_symbol_ratio": 0.5, "min_alpha_word_fraction": 0.3,
+                    "max_top_ngram_fraction": 0.5},
+    },
+    "training": {"sequence_length": 64, "micro_batch_size": 4, "global_batch_size": 16, "processes_per_node": 2,
+                 "learning_rate": 3e-3, "min_learning_rate": 3e-4, "warmup_steps": 2, "max_steps": 12,
+                 "log_every": 1, "seed": 7},
+    "deepspeed": {"zero_stage": 1},
+    "checkpoint": {"interval": 4, "keep": 2},
+}
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge two recipe mappings (extra wins)."""
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def write_recipe(path: Path, data: dict[str, Any]) -> Path:
+    """Write a recipe mapping as YAML and return its path."""
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_env() -> dict[str, str]:
+    """Environment for child processes: the repo on the path, shared op cache."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
+    env.pop("PRIVLM_FAULT", None)
+    return env
+
+
+def privlm(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
+           check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the real `privlm` CLI in a subprocess from the repo root."""
+    proc = subprocess.run([*PRIVLM, *args], cwd=REPO, env=env or run_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"privlm {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from metrics.jsonl; after a resume the later record of a step wins."""
+    losses: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            losses[rec["step"]] = rec["loss"]
+    return losses
+
+
