@@ -11,8 +11,9 @@ from jobs.train.checkpoint import META, find_latest, published, sha256_file, tag
 def make_checkpoint(root: Path, step: int, payload: bytes = b"weights") -> Path:
     path = root / tag_for(step)
     path.mkdir(parents=True)
-    (path / "mp_rank_00_model_states.pt").write_bytes(payload)
-    files = {"mp_rank_00_model_states.pt": {"size": len(payload), "sha256": sha256_file(path / "mp_rank_00_model_states.pt")}}
+    states = path / "mp_rank_00_model_states.pt"
+    states.write_bytes(payload)
+    files = {states.name: {"size": len(payload), "sha256": sha256_file(states)}}
     (path / META).write_text(json.dumps({"step": step, "world_size": 2, "files": files}))
     return path
 

@@ -90,7 +90,7 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 def test_overrides_apply_before_validation(tmp_path: Path) -> None:
     path = write_recipe(tmp_path / "r.yaml", SMALL)
     assert load_recipe(path, ["training.max_steps=3"]).training.max_steps == 3
-    with pytest.raises(RecipeError, match="training.max_steps"):
+    with pytest.raises(RecipeError, match=r"training\.max_steps"):
         load_recipe(path, ["training.max_steps=-3"])
 
 
