@@ -163,6 +163,7 @@ class CheckpointManager:
         self.checksums = checksums
         self.exclude_frozen = exclude_frozen
         self.last_save_seconds: float | None = None
+        self.last_save_bytes = 0
 
     @property
     def staging(self) -> Path:
@@ -189,6 +190,8 @@ class CheckpointManager:
             self._publish(staged, step, extra_meta)
         barrier()
         self.last_save_seconds = time.perf_counter() - started
+        if self.rank.is_main:
+            self.last_save_bytes = sum(f.stat().st_size for f in (self.directory / tag).rglob("*") if f.is_file())
         return self.directory / tag
 
     def _publish(self, staged: Path, step: int, extra_meta: dict[str, Any]) -> None:

@@ -62,11 +62,13 @@ def train(recipe: Recipe) -> int:
                                      checksums=recipe.checkpoint.verify_checksums,
                                      exclude_frozen=_is_lora(recipe))
     step, tokens_seen = 0, 0
+    t_load = time.perf_counter()
     resumed = manager.load(engine)
+    load_seconds = time.perf_counter() - t_load
     if resumed is not None:
         found, state = resumed
         step, tokens_seen = int(state["step"]), int(state["tokens"])
-        log(f"resumed from {found.path} at step {step} ({tokens_seen:,} tokens seen)")
+        log(f"resumed from {found.path} at step {step} ({tokens_seen:,} tokens seen) in {load_seconds:.2f}s")
     interval = _checkpoint_interval(recipe)
 
     from jobs.train.model import flops_per_token
@@ -74,7 +76,8 @@ def train(recipe: Recipe) -> int:
     peak, peak_source = peak_flops(rank.device, recipe.deepspeed.precision)
     meter = ThroughputMeter(flops_per_token(recipe.model, total, t.sequence_length), peak * rank.world_size)
     metrics = MetricsWriter(recipe.run_path / "metrics.jsonl", enabled=rank.is_main)
-    metrics.write({"event": "start", "step": step, "resumed": resumed is not None, "peak_flops_per_rank": peak,
+    metrics.write({"event": "start", "step": step, "resumed": resumed is not None, "load_seconds": load_seconds,
+                   "peak_flops_per_rank": peak,
                    "peak_source": peak_source, "world_size": rank.world_size, "params": total})
     sampler = ResumableSampler(len(train_data), t.seed)
     per_micro = t.micro_batch_size * rank.world_size
@@ -105,7 +108,10 @@ def train(recipe: Recipe) -> int:
         if step % interval == 0 or signum or step == t.total_steps:
             manager.save(engine, step, {"step": step, "tokens": tokens_seen},
                          _meta(recipe, step, tokens_seen))
-            log(f"checkpoint step {step} published in {manager.last_save_seconds:.2f}s")
+            metrics.write({"event": "checkpoint", "step": step, "seconds": manager.last_save_seconds,
+                           "bytes": manager.last_save_bytes})
+            log(f"checkpoint step {step} published in {manager.last_save_seconds:.2f}s "
+                f"({manager.last_save_bytes / 1e6:.1f} MB)")
         if signum:
             log(f"stopping on {signal.Signals(signum).name} after step {step}; rerun the same command to resume")
             metrics.write({"event": "stopped", "step": step, "signal": signum})
