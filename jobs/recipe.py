@@ -329,8 +329,9 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{loc}: unknown field (check its spelling against the recipe schema)"
     if err["type"] == "missing":
         return f"{loc}: required field is missing"
-    shown = repr(value) if not isinstance(value, dict) else "{...}"
-    return f"{loc}: {msg} (got {shown})"
+    if isinstance(value, dict):  # a check across fields: the message names them and their values
+        return f"{loc}: {msg}"
+    return f"{loc}: {msg} (got {value!r})"
 
 
 def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:

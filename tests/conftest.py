@@ -15,7 +15,6 @@ from tests.helpers import SMALL, merge, write_recipe
 def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real prepared dataset (120 stdlib files, 1k-token BPE, 64-token blocks), made once per session."""
     from jobs.data.pipeline import prepare_data
-
     from jobs.recipe import parse_recipe
 
     out = tmp_path_factory.mktemp("small-data") / "data"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -41,9 +40,9 @@ class StopRequest:
 def train(recipe: Recipe) -> int:
     """Train one rank to the end (exit 0) or to a stop signal (checkpoint, exit 128+signal)."""
     t_start = time.perf_counter()
-    _quiet_libraries()
     stop = StopRequest()
     rank = init_distributed(recipe.training.threads_per_process)
+    _quiet_libraries()
     log = _logger(rank)
     t = recipe.training
 
@@ -51,9 +50,9 @@ def train(recipe: Recipe) -> int:
 
     train_data = PackedDataset(recipe.data_path, "train")
     _check_data(recipe, train_data)
-    model, base_params = _build(recipe, rank, train_data.eos_id)
+    model, total = _build(recipe, rank, train_data.eos_id)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     engine = _initialize(recipe, rank, model)
-    total, trainable = base_params, sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
         f"ZeRO-{recipe.deepspeed.zero_stage} {recipe.deepspeed.precision}, {rank.world_size} ranks on {rank.device}, "
         f"gradient accumulation {t.gradient_accumulation_steps}")
@@ -138,10 +137,14 @@ def _quiet_libraries() -> None:
     import logging
     import warnings
 
+    from deepspeed.utils import logger as ds_logger
+    from transformers.utils import logging as hf_logging
+
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    ds_logger.setLevel(logging.ERROR)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _logger(rank: RankInfo):

@@ -29,7 +29,9 @@ def gathered_state_dict(module: Any, rank: RankInfo) -> dict[str, Any] | None:
 
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
         if rank.is_main:
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+            copies: dict[int, Any] = {}  # tied weights (embeddings/lm_head) stay one tensor, saved once
+            return {k: copies.setdefault(v.data_ptr(), v.detach().cpu().clone())
+                    for k, v in module.state_dict().items()}
     return None
 
 

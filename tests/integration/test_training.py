@@ -20,8 +20,9 @@ pytestmark = pytest.mark.integration
 
 def exported_eval_loss(model_dir: Path, data_dir: Path) -> float:
     """Loss of the exported Hugging Face model on the first eval blocks, computed outside DeepSpeed."""
-    from jobs.data.pack import PackedDataset
     from transformers import AutoModelForCausalLM
+
+    from jobs.data.pack import PackedDataset
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     blocks = torch.from_numpy(PackedDataset(data_dir, "eval").get_blocks(list(range(4))))
