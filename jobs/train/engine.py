@@ -20,7 +20,7 @@ import numpy as np
 from jobs.recipe import Recipe, load_recipe
 from jobs.train import checkpoint as ckpt
 from jobs.train.distributed import RankInfo, all_reduce_max, all_reduce_mean, init_distributed
-from jobs.train.metrics import MetricsWriter, ThroughputMeter, format_step, peak_flops
+from jobs.train.metrics import MetricsWriter, StepProgress, ThroughputMeter, format_step, peak_flops
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
@@ -78,29 +78,36 @@ def train(recipe: Recipe) -> int:
     metrics.write({"event": "start", "step": step, "resumed": resumed is not None, "load_seconds": load_seconds,
                    "peak_flops_per_rank": peak,
                    "peak_source": peak_source, "world_size": rank.world_size, "params": total})
+    progress = StepProgress(t.total_steps, step, enabled=rank.is_main)
+    log = progress.log if rank.is_main else log
     sampler = ResumableSampler(len(train_data), t.seed)
     per_micro = t.micro_batch_size * rank.world_size
     loss_sum, loss_count = 0.0, 0
 
     while step < t.total_steps:
+        logging_step = (step + 1) % t.log_every == 0 or step + 1 == t.total_steps
         for micro in range(t.gradient_accumulation_steps):
             start = step * t.global_batch_size + micro * per_micro + rank.rank * t.micro_batch_size
             batch = _to_device(train_data.get_blocks(sampler.indices(start, t.micro_batch_size)), rank)
             loss = engine(input_ids=batch, labels=batch).loss
             engine.backward(loss)
+            if logging_step and micro == t.gradient_accumulation_steps - 1:
+                grad_norm = _grad_norm_before_step(engine)
             engine.step()
             loss_sum += loss.item()
             loss_count += 1
         step += 1
         tokens_seen += t.tokens_per_step
         meter.add(t.tokens_per_step)
+        progress.advance(step)
 
-        if step % t.log_every == 0 or step == t.total_steps:
+        if logging_step:
             mean_loss, = all_reduce_mean([loss_sum / loss_count])
             record = {"step": step, "loss": mean_loss, "lr": engine.get_lr()[0], "tokens": tokens_seen,
-                      "grad_norm": _grad_norm(engine), **meter.report()}
+                      "grad_norm": _grad_norm_after_step(engine, grad_norm), **meter.report()}
             metrics.write(record)
             log(format_step(record, t.total_steps))
+            progress.advance(step, f"loss {record['loss']:.3f}")
             loss_sum, loss_count = 0.0, 0
 
         signum = int(all_reduce_max(stop.signum))
@@ -113,10 +120,12 @@ def train(recipe: Recipe) -> int:
                 f"({manager.last_save_bytes / 1e6:.1f} MB)")
         if signum:
             log(f"stopping on {signal.Signals(signum).name} after step {step}; rerun the same command to resume")
+            progress.stop()
             metrics.write({"event": "stopped", "step": step, "signal": signum})
             metrics.close()
             return 128 + signum
 
+    progress.stop()
     eval_loss = _evaluate(recipe, engine, rank)
     _export(recipe, engine, rank, step, tokens_seen, eval_loss)
     summary = {"event": "finished", "step": step, "tokens": tokens_seen, "eval_loss": eval_loss,
@@ -227,8 +236,19 @@ def _to_device(blocks: np.ndarray, rank: RankInfo) -> Any:
     return tensor.to(f"cuda:{rank.local_rank}") if rank.device == "cuda" else tensor
 
 
-def _grad_norm(engine: Any) -> float:
-    norm = engine.get_global_grad_norm()
+def _grad_norm_before_step(engine: Any) -> float | None:
+    """ZeRO-0 keeps no global norm: compute it from the averaged gradients before the optimizer step."""
+    if engine.zero_optimization_stage() != 0:
+        return None
+    import torch
+
+    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+
+
+def _grad_norm_after_step(engine: Any, before: float | None) -> float:
+    """The pre-clipping global gradient norm of the last step."""
+    norm = engine.get_global_grad_norm() if before is None else before
     return float(norm) if norm is not None else float("nan")
 
 

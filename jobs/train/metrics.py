@@ -116,3 +116,30 @@ def format_step(record: dict[str, Any], total_steps: int) -> str:
         f"step {record['step']:>6}/{total_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
         f"grad_norm {record['grad_norm']:.3f}  tok/s {record['tokens_per_s']:,.0f}  mfu {record['mfu']:.1%}"
     )
+
+
+class StepProgress:
+    """A rich progress bar over optimizer steps on rank 0; log lines print above it."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("{task.fields[status]}"), TimeRemainingColumn())
+        self._task = self._progress.add_task("train", total=total, completed=start, status="")
+        self._progress.start()
+
+    def advance(self, step: int, status: str = "") -> None:
+        if self.enabled:
+            self._progress.update(self._task, completed=step, **({"status": status} if status else {}))
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            self._progress.console.print(f"[privlm] {message}", highlight=False, markup=False, soft_wrap=True)
+
+    def stop(self) -> None:
+        if self.enabled:
+            self._progress.stop()
