@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from jobs.recipe import Recipe, dump_recipe
 from jobs.train.distributed import accelerator_env, has_cuda, rank_env_present
@@ -79,6 +81,7 @@ def launch_local(recipe: Recipe, recipe_path: Path | None = None, overrides: lis
     if rank_env_present():
         return train(recipe)
     check_resources(recipe)
+    lock = hold_run_lock(recipe.run_path)
     resolved = write_resolved_recipe(recipe)
     n = recipe.training.processes_per_node
     threads = recipe.training.threads_per_process or (1 if not has_cuda() else 4)
@@ -89,7 +92,27 @@ def launch_local(recipe: Recipe, recipe_path: Path | None = None, overrides: lis
         subprocess.Popen(cmd, env={**base_env, "RANK": str(r), "LOCAL_RANK": str(r)}, preexec_fn=_die_with_parent)
         for r in range(n)
     ]
-    return supervise(procs, grace_s)
+    try:
+        return supervise(procs, grace_s)
+    finally:
+        lock.close()
+
+
+def hold_run_lock(run_dir: Path) -> TextIO:
+    """Refuse a second launch on the same run directory while one is running (flock, released on exit)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held for the run's lifetime
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        owner = fh.read().strip() or "another process"
+        fh.close()
+        raise SystemExit(f"{run_dir} is in use by a running job (pid {owner}); wait for it or stop it first") from None
+    fh.truncate(0)
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
 
 
 def supervise(procs: list[subprocess.Popen], grace_s: float) -> int:
