@@ -259,6 +259,23 @@ class FinetuneConfig(Strict):
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
 
 
+class PromotionPolicy(Strict):
+    """When a challenger may replace the champion: a metric, its direction and a minimum margin."""
+
+    metric: str = "eval_perplexity"
+    direction: Literal["minimize", "maximize"] = "minimize"
+    min_margin: float = Field(0.0, ge=0, description="absolute improvement the challenger must show")
+
+
+class RegistryConfig(Strict):
+    """MLflow tracking and the registered model this recipe's runs become."""
+
+    tracking: bool = True
+    experiment: str = "privlm"
+    model_name: str | None = Field(None, description="registered model name; defaults to the recipe name")
+    promotion: PromotionPolicy = Field(default_factory=PromotionPolicy)
+
+
 class Recipe(Strict):
     """A whole job: model, tokenizer, data, training, DeepSpeed, checkpoints, optional fine-tuning."""
 
@@ -272,6 +289,7 @@ class Recipe(Strict):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     finetune: FinetuneConfig | None = None
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -306,6 +324,10 @@ class Recipe(Strict):
     @property
     def data_path(self) -> Path:
         return self._fmt(self.data.output_dir)
+
+    @property
+    def model_name(self) -> str:
+        return self.registry.model_name or self.name
 
     @property
     def checkpoint_path(self) -> Path:
