@@ -74,7 +74,8 @@ def train(recipe: Recipe) -> int:
 
     peak, peak_source = peak_flops(rank.device, recipe.deepspeed.precision)
     meter = ThroughputMeter(flops_per_token(recipe.model, total, t.sequence_length), peak * rank.world_size)
-    metrics = MetricsWriter(recipe.run_path / "metrics.jsonl", enabled=rank.is_main)
+    tracker = _tracker(recipe, rank, step if resumed is not None else None)
+    metrics = MetricsWriter(recipe.run_path / "metrics.jsonl", enabled=rank.is_main, tracker=tracker)
     metrics.write({"event": "start", "step": step, "resumed": resumed is not None, "load_seconds": load_seconds,
                    "peak_flops_per_rank": peak,
                    "peak_source": peak_source, "world_size": rank.world_size, "params": total})
@@ -116,13 +117,15 @@ def train(recipe: Recipe) -> int:
                          _meta(recipe, step, tokens_seen))
             metrics.write({"event": "checkpoint", "step": step, "seconds": manager.last_save_seconds,
                            "bytes": manager.last_save_bytes})
+            if tracker is not None:
+                tracker.checkpoint(step, recipe.checkpoint_path / ckpt.tag_for(step), manager.last_save_bytes)
             log(f"checkpoint step {step} published in {manager.last_save_seconds:.2f}s "
                 f"({manager.last_save_bytes / 1e6:.1f} MB)")
         if signum:
             log(f"stopping on {signal.Signals(signum).name} after step {step}; rerun the same command to resume")
             progress.stop()
             metrics.write({"event": "stopped", "step": step, "signal": signum})
-            metrics.close()
+            metrics.close("KILLED", {"step": step})
             return 128 + signum
 
     progress.stop()
@@ -132,7 +135,7 @@ def train(recipe: Recipe) -> int:
                "eval_perplexity": float(np.exp(eval_loss)) if eval_loss is not None else None,
                "wall_seconds": time.perf_counter() - t_start, "model_dir": str(recipe.run_path / "model")}
     metrics.write(summary)
-    metrics.close()
+    metrics.close("FINISHED", {k: v for k, v in summary.items() if k != "event"})
     if rank.is_main:
         (recipe.run_path / "summary.json").write_text(json.dumps(summary, indent=1))
     log(f"done: model in {summary['model_dir']}, eval loss {eval_loss}")
@@ -161,6 +164,19 @@ def _logger(rank: RankInfo):
         if rank.is_main:
             print(f"[privlm] {message}", flush=True)
     return log
+
+
+def _tracker(recipe: Recipe, rank: RankInfo, resumed_step: int | None) -> Any:
+    """Rank 0's MLflow tracker (None when tracking is off or on other ranks)."""
+    if not (rank.is_main and recipe.registry.tracking):
+        return None
+    from mlops.tracking import RunTracker
+
+    tracker = RunTracker(recipe)
+    tracker.start(resumed_step, {"privlm.git_commit": _git_commit() or "unknown",
+                                 "privlm.data_fingerprint": _data_fingerprint(recipe) or "unknown",
+                                 "privlm.world_size": str(rank.world_size), "privlm.device": rank.device})
+    return tracker
 
 
 def _is_lora(recipe: Recipe) -> bool:

@@ -92,22 +92,31 @@ class ThroughputMeter:
 
 
 class MetricsWriter:
-    """Appends one JSON object per record to metrics.jsonl (rank 0 only), flushed each line."""
+    """Appends one JSON object per record to metrics.jsonl (rank 0 only) and passes step metrics to MLflow."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
+    def __init__(self, path: Path, enabled: bool, tracker: Any = None) -> None:
         self.enabled = enabled
         self.path = path
+        self.tracker = tracker
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(path, "a", buffering=1)  # noqa: SIM115 - kept open for the run
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            self._fh.write(json.dumps({"time": time.time(), **record}) + "\n")
+        if not self.enabled:
+            return
+        self._fh.write(json.dumps({"time": time.time(), **record}) + "\n")
+        if self.tracker is not None and "loss" in record:
+            self.tracker.metrics(record["step"], {k: v for k, v in record.items() if k != "step"})
 
-    def close(self) -> None:
-        if self.enabled:
-            self._fh.close()
+    def close(self, status: str, summary: dict[str, Any] | None = None) -> None:
+        """Close the file; tell MLflow the run's outcome (delivered now, or later from the outbox)."""
+        if not self.enabled:
+            return
+        self._fh.close()
+        if self.tracker is not None and not self.tracker.finish(status, summary or {}):
+            print(f"[privlm] MLflow unreachable ({self.tracker.outbox.last_error}); metrics kept in "
+                  f"{self.tracker.outbox.path}, delivered by the next run or `privlm model sync`", flush=True)
 
 
 def format_step(record: dict[str, Any], total_steps: int) -> str:
