@@ -1,0 +1,97 @@
+"""Evaluate a registered version: held-out perplexity and a generation sanity check, logged to it."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from mlops.registry import RegistryError, get_version, load_components
+from mlops.tracking import client, experiment_id
+
+SANITY_PROMPT = "def "
+
+
+def eval_data_dir(version: Any, data_dir: Path | None) -> Path:
+    """The eval split to use: given, or the one of the recipe the version was trained on."""
+    path = Path(data_dir) if data_dir else Path(version.tags.get("privlm.data_dir", ""))
+    if not (path / "index.json").is_file():
+        raise RegistryError(f"no prepared data at {path!s} for {version.name}/{version.version}; "
+                            "run `privlm data prepare` for its recipe or pass --data DIR")
+    return path
+
+
+def perplexity(model: Any, data_dir: Path, max_blocks: int, batch: int = 8) -> tuple[float, int]:
+    """exp(mean token loss) over the first `max_blocks` eval blocks; returns (perplexity, blocks used)."""
+    import numpy as np
+    import torch
+
+    from jobs.data.pack import PackedDataset
+
+    data = PackedDataset(data_dir, "eval")
+    n = min(len(data), max_blocks)
+    if n == 0:
+        raise RegistryError(f"{data_dir} has no eval blocks; prepare it with data.eval_fraction > 0")
+    losses = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, n, batch):
+            ids = torch.from_numpy(data.get_blocks(np.arange(i, min(i + batch, n))))
+            losses.append(float(model(input_ids=ids, labels=ids).loss) * len(ids))
+    return math.exp(sum(losses) / n), n
+
+
+def generation_check(model: Any, tokenizer: Any, new_tokens: int = 24) -> dict[str, Any]:
+    """Greedy continuation of a fixed prompt: it must produce tokens, and not one token repeated."""
+    import torch
+
+    ids = tokenizer(SANITY_PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    generated = out[0, ids.shape[1]:].tolist()
+    distinct = len(set(generated)) / max(len(generated), 1)
+    return {"text": tokenizer.decode(generated), "tokens": len(generated), "distinct_ratio": distinct,
+            "passed": len(generated) > 0 and distinct > 0.1}
+
+
+def evaluate_version(name: str, version: str, data_dir: Path | None = None, max_blocks: int = 64,
+                     uri: str | None = None) -> dict[str, Any]:
+    """Compute and log eval metrics to the version (tags) and to an evaluation run (metrics)."""
+    mv = get_version(name, version, uri)
+    data = eval_data_dir(mv, data_dir)
+    model, tokenizer = load_components(f"models:/{name}/{mv.version}", uri)
+    t0 = time.perf_counter()
+    ppl, blocks = perplexity(model, data, max_blocks)
+    sanity = generation_check(model, tokenizer)
+    result = {"eval_perplexity": ppl, "eval_loss": math.log(ppl), "eval_blocks": blocks,
+              "generation_ok": float(sanity["passed"]), "generation_distinct_ratio": sanity["distinct_ratio"],
+              "eval_seconds": time.perf_counter() - t0}
+    dataset = _dataset_id(data)
+    mlflow_client = client(uri)
+    for key, value in result.items():
+        mlflow_client.set_model_version_tag(name, mv.version, f"eval.{key}", f"{value:.6g}")
+    mlflow_client.set_model_version_tag(name, mv.version, "eval.dataset", dataset)
+    mlflow_client.set_model_version_tag(name, mv.version, "eval.sample", sanity["text"][:500])
+    run = mlflow_client.create_run(experiment_id(mlflow_client, "privlm-evaluations"),
+                                   run_name=f"eval-{name}-v{mv.version}",
+                                   tags={"privlm.model": name, "privlm.version": str(mv.version),
+                                         "privlm.eval_dataset": dataset})
+    for key, value in result.items():
+        mlflow_client.log_metric(run.info.run_id, key, value)
+    mlflow_client.set_terminated(run.info.run_id)
+    return {**result, "dataset": dataset, "sample": sanity["text"], "version": str(mv.version)}
+
+
+def _dataset_id(data_dir: Path) -> str:
+    """Which eval set: the data manifest's fingerprint, or a hash of the index."""
+    import json
+
+    manifest = data_dir / "manifest.json"
+    if manifest.is_file():
+        fp = json.loads(manifest.read_text()).get("fingerprint")
+        if fp:
+            return f"{fp}:eval"
+    return hashlib.sha256((data_dir / "index.json").read_bytes()).hexdigest()[:16] + ":eval"

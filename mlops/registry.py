@@ -1,0 +1,156 @@
+"""Register a run's exported model in MLflow with its lineage; look versions up; load them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.recipe import load_recipe
+from mlops.tracking import client, experiment_id, tracking_uri
+
+PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot proceed; the message says why and what to do."""
+
+
+@dataclass
+class Registered:
+    """A registered model version and where it came from."""
+
+    name: str
+    version: str
+    run_id: str
+    tags: dict[str, str]
+
+
+def lineage_tags(run_dir: Path) -> dict[str, str]:
+    """Recipe, data, commit, step and parent model of an exported model, as version tags."""
+    model_dir = run_dir / "model"
+    lineage = json.loads((model_dir / "privlm.json").read_text())
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    tags = {
+        "privlm.recipe": recipe.name,
+        "privlm.recipe_fingerprint": lineage.get("recipe_fingerprint") or "",
+        "privlm.data_fingerprint": lineage.get("data_fingerprint") or "",
+        "privlm.data_dir": str(recipe.data_path.resolve()),
+        "privlm.git_commit": lineage.get("git_commit") or "unknown",
+        "privlm.step": str(lineage.get("step")),
+        "privlm.model_dir": str(model_dir.resolve()),
+        "privlm.recipe_yaml": (run_dir / "recipe.yaml").read_text()[:5000],
+    }
+    if lineage.get("eval_loss") is not None:
+        tags["privlm.train_eval_loss"] = f"{lineage['eval_loss']:.6f}"
+    if lineage.get("base_model"):
+        tags["privlm.base_model_dir"] = str(Path(lineage["base_model"]).resolve())
+    return tags
+
+
+def find_version_by_model_dir(mlflow_client: Any, model_dir: str) -> Any | None:
+    """The registered version whose exported model lives at `model_dir` (the parent of a fine-tune)."""
+    for mv in mlflow_client.search_model_versions(f"tags.`privlm.model_dir` = '{model_dir}'"):
+        return mv
+    return None
+
+
+def register_run(run_dir: Path, name: str | None = None, uri: str | None = None) -> Registered:
+    """Log `run_dir/model` as an MLflow transformers model in its training run and register a version."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "model" / "privlm.json").is_file():
+        raise RegistryError(f"{run_dir}/model is not an exported privlm model; finish `privlm train run` first")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    name = name or recipe.model_name
+    uri = uri or tracking_uri()
+    mlflow_client = client(uri)
+    tags = lineage_tags(run_dir)
+    if "privlm.base_model_dir" in tags:
+        parent = find_version_by_model_dir(mlflow_client, tags["privlm.base_model_dir"])
+        tags["privlm.parent"] = f"{parent.name}/{parent.version}" if parent else "unregistered"
+    run_id = _training_run_id(run_dir) or _new_run(mlflow_client, recipe)
+    model_uri = _log_model(run_dir / "model", run_id, uri)
+    _ensure_registered_model(mlflow_client, name)
+    mv = mlflow_client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags)
+    return Registered(name=name, version=str(mv.version), run_id=run_id, tags=tags)
+
+
+def _training_run_id(run_dir: Path) -> str | None:
+    state = run_dir / "tracking" / "state.json"
+    return json.loads(state.read_text()).get("run_id") if state.is_file() else None
+
+
+def _new_run(mlflow_client: Any, recipe: Any) -> str:
+    """A run to hold the model when training ran without tracking."""
+    exp = experiment_id(mlflow_client, recipe.registry.experiment)
+    run = mlflow_client.create_run(exp, run_name=f"{recipe.name}-register")
+    mlflow_client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def _log_model(model_dir: Path, run_id: str, uri: str) -> str:
+    """Log the Hugging Face directory with the transformers flavor; return its model URI."""
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    mlflow.set_tracking_uri(uri)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer}, name="model", task="text-generation",
+            pip_requirements=PIP_REQUIREMENTS,
+        )
+    return info.model_uri
+
+
+def _ensure_registered_model(mlflow_client: Any, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.get_registered_model(name)
+    except MlflowException:
+        with contextlib.suppress(MlflowException):  # created concurrently
+            mlflow_client.create_registered_model(name, tags={"privlm": "true"})
+
+
+def require_model(name: str, uri: str | None = None) -> Any:
+    """The registered model, or a RegistryError naming what exists (or that the server is down)."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(uri)
+    try:
+        return mlflow_client.get_registered_model(name)
+    except MlflowException as exc:
+        raise RegistryError(_unknown_model(mlflow_client, name, exc)) from None
+
+
+def get_version(name: str, version: str | int, uri: str | None = None) -> Any:
+    """A model version, or a RegistryError naming what exists."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(uri)
+    require_model(name, uri)
+    try:
+        return mlflow_client.get_model_version(name, str(version))
+    except MlflowException:
+        versions = sorted(int(v.version) for v in mlflow_client.search_model_versions(f"name = '{name}'"))
+        raise RegistryError(f"{name} has no version {version}; it has versions {versions}") from None
+
+
+def _unknown_model(mlflow_client: Any, name: str, exc: Any) -> str:
+    if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+        return f"the model registry at {mlflow_client.tracking_uri} did not answer: {str(exc)[:200]}"
+    names = sorted(m.name for m in mlflow_client.search_registered_models())
+    return f"no registered model named {name!r}; registered: {names or 'none'}"
+
+
+def load_components(model_uri: str, uri: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of `models:/NAME/VERSION` or `models:/NAME@ALIAS`."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri or tracking_uri())
+    parts = mlflow.transformers.load_model(model_uri, return_type="components")
+    return parts["model"], parts["tokenizer"]
