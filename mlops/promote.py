@@ -148,7 +148,7 @@ def gate(challenger: Any, champion: Any | None, policy: PromotionPolicy) -> tupl
     return False, f"{numbers}: improvement {improvement:.4f} is not above the margin"
 
 
-def promote_champion(name: str, policy: PromotionPolicy | None = None, reason: str = "",
+def promote_champion(name: str, overrides: dict[str, Any] | None = None, reason: str = "",
                      uri: str | None = None) -> Decision:
     """Move `champion` to the challenger only if it passes the gate; raise PromotionRefused otherwise."""
     uri = uri or tracking_uri()
@@ -164,7 +164,8 @@ def promote_champion(name: str, policy: PromotionPolicy | None = None, reason: s
         if current == challenger_v:
             return Decision(False, challenger_v, current, f"v{challenger_v} is already the champion")
         champion = mlflow_client.get_model_version(name, current) if current else None
-        ok, why = gate(challenger, champion, policy or policy_for(challenger))
+        policy = policy_for(challenger).model_copy(update={k: v for k, v in (overrides or {}).items() if v is not None})
+        ok, why = gate(challenger, champion, policy)
         if not ok:
             raise PromotionRefused(f"refused: {why}")
         event = _event("promote", CHAMPION, challenger_v, current, f"{reason + ': ' if reason else ''}{why}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from jobs.cli import data_app, demo_command, train_app
+from mlops.cli import model_app
 
 app = typer.Typer(
     help="privlm: data -> DeepSpeed training on Slurm -> MLflow registry -> Ray Serve, with its cost.",
@@ -17,6 +18,7 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
+app.add_typer(model_app, name="model")
 app.command("demo")(demo_command)
 
 

@@ -1,0 +1,170 @@
+"""`privlm model ...`: register, evaluate, promote, roll back and inspect models in MLflow."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+model_app = typer.Typer(help="MLflow registry: register, evaluate, promote by alias, roll back.",
+                        no_args_is_help=True)
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(str(exc), fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@model_app.command("register")
+def register(run_dir: Path = typer.Argument(..., help="a finished run, e.g. runs/tiny-cpu-lora"),
+             name: str = typer.Option(None, help="registered model name (default: the recipe's)")) -> None:
+    """Log RUN_DIR's exported model in its MLflow run and register a new version with its lineage."""
+    from mlops.registry import RegistryError, register_run
+
+    try:
+        reg = register_run(run_dir, name)
+    except (RegistryError, FileNotFoundError) as exc:
+        _fail(exc)
+    typer.echo(f"registered {reg.name} version {reg.version} (run {reg.run_id}, parent "
+               f"{reg.tags.get('privlm.parent', 'none')})")
+
+
+@model_app.command("evaluate")
+def evaluate(name: str, version: str,
+             data: Path = typer.Option(None, help="prepared data dir whose eval split to use (default: the version's)"),
+             max_blocks: int = typer.Option(64, help="eval blocks to score")) -> None:
+    """Held-out perplexity and a generation sanity check, logged to the version."""
+    from mlops.evaluate import evaluate_version
+    from mlops.registry import RegistryError
+
+    try:
+        result = evaluate_version(name, version, data, max_blocks)
+    except RegistryError as exc:
+        _fail(exc)
+    typer.echo(f"{name}/{result['version']}: perplexity {result['eval_perplexity']:.3f} on {result['eval_blocks']} "
+               f"blocks; generation {'ok' if result['generation_ok'] else 'FAILED'}: {result['sample']!r}")
+
+
+@model_app.command("promote")
+def promote(name: str, version: str = typer.Argument(None, help="version to make the challenger"),
+            to: str = typer.Option("challenger", help="challenger, or champion (through the evaluation gate)"),
+            reason: str = typer.Option("", help="why, recorded with the promotion"),
+            metric: str = typer.Option(None, help="override the recipe's policy metric"),
+            min_margin: float = typer.Option(None, help="override the recipe's minimum margin")) -> None:
+    """`promote NAME VERSION` sets the challenger; `promote NAME --to champion` passes it through the gate."""
+    from mlops.promote import PromotionRefused, promote_challenger, promote_champion
+    from mlops.registry import RegistryError
+
+    try:
+        if to == "challenger":
+            if version is None:
+                _fail(ValueError("give the VERSION to make the challenger"))
+            d = promote_challenger(name, version, reason)
+            typer.echo(f"{name}: challenger -> v{d.version} (was {d.previous or 'none'})")
+            return
+        if to != "champion":
+            _fail(ValueError(f"--to {to!r}: use challenger or champion"))
+        d = promote_champion(name, {"metric": metric, "min_margin": min_margin}, reason)
+    except PromotionRefused as exc:
+        typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(3) from None
+    except RegistryError as exc:
+        _fail(exc)
+    typer.echo(f"{name}: champion -> v{d.version} (was {d.previous or 'none'}): {d.reason}" if d.promoted
+               else f"{name}: {d.reason}")
+
+
+@model_app.command("rollback")
+def rollback_cmd(name: str, reason: str = typer.Option("", help="why, recorded with the rollback")) -> None:
+    """Restore the previous champion."""
+    from mlops.promote import rollback
+    from mlops.registry import RegistryError
+
+    try:
+        d = rollback(name, reason)
+    except RegistryError as exc:
+        _fail(exc)
+    typer.echo(f"{name}: champion -> v{d.version} (rolled back from v{d.previous})")
+
+
+@model_app.command("list")
+def list_models() -> None:
+    """Registered models with their aliases and latest version."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mlops.tracking import client
+
+    table = Table(title="registered models")
+    for col in ("name", "versions", "champion", "challenger", "updated"):
+        table.add_column(col)
+    for m in client().search_registered_models():
+        aliases = getattr(m, "aliases", {}) or {}
+        latest = max((int(v.version) for v in m.latest_versions or []), default=0)
+        table.add_row(m.name, str(latest), _v(aliases.get("champion")), _v(aliases.get("challenger")),
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(m.last_updated_timestamp / 1000)))
+    Console().print(table)
+
+
+def _v(version: object) -> str:
+    return f"v{version}" if version else "-"
+
+
+def version_rows(name: str) -> list[dict[str, object]]:
+    """Every version of NAME: aliases, eval metrics, lineage, promotion record."""
+    from mlops.registry import require_model
+    from mlops.tracking import client
+
+    model = require_model(name)
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (getattr(model, "aliases", {}) or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    rows = []
+    for mv in sorted(client().search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
+        tags = mv.tags
+        rows.append({"version": str(mv.version), "aliases": sorted(aliases.get(str(mv.version), [])),
+                     "eval": {k.removeprefix("eval."): v for k, v in tags.items()
+                              if k.startswith("eval.") and k not in ("eval.sample",)},
+                     "recipe": tags.get("privlm.recipe"), "parent": tags.get("privlm.parent"),
+                     "data": tags.get("privlm.data_fingerprint"), "commit": tags.get("privlm.git_commit"),
+                     "step": tags.get("privlm.step"), "promoted": tags.get("promotion.when"),
+                     "promotion_reason": tags.get("promotion.reason")})
+    return rows
+
+
+@model_app.command("show")
+def show(name: str, as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Versions of NAME with aliases, eval metrics, lineage and promotion record."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mlops.registry import RegistryError
+
+    try:
+        rows = version_rows(name)
+    except RegistryError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    table = Table(title=name)
+    for col in ("version", "aliases", "perplexity", "recipe", "parent", "step", "commit", "data", "promoted"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["version"], ", ".join(r["aliases"]) or "-", r["eval"].get("eval_perplexity", "-"),
+                      r["recipe"] or "-", r["parent"] or "-", r["step"] or "-", (r["commit"] or "-")[:10],
+                      (r["data"] or "-")[:12], r["promoted"] or "-")
+    Console().print(table)
+
+
+@model_app.command("sync")
+def sync_cmd(run_dir: Path) -> None:
+    """Deliver the MLflow records a run buffered while the tracking server was unreachable."""
+    from mlops.tracking import sync
+
+    left = sync(run_dir)
+    if left:
+        _fail(RuntimeError(f"{left} records still pending: the tracking server does not answer"))
+    typer.echo(f"{run_dir}: every record delivered")
