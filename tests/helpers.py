@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +81,13 @@ def read_losses(run_dir: Path) -> dict[int, float]:
     return losses
 
 
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Block until the run has logged `step` (the process must stay alive meanwhile)."""
+    deadline = time.monotonic() + timeout
+    metrics = run / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.exists() and max(read_losses(run) or {0: 0}) >= step:
+            return
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else proc.returncode
+        time.sleep(0.02)
+    raise TimeoutError(f"step {step} not reached")

@@ -6,14 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import PRIVLM, REPO, SMALL, merge, privlm, read_losses, run_env, write_recipe
+from tests.helpers import PRIVLM, REPO, SMALL, merge, privlm, read_losses, run_env, wait_for_step, write_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -94,17 +93,6 @@ def test_kill_during_checkpoint_write_resumes_bitwise(tmp_path: Path, small_data
 def start_run(recipe: Path) -> subprocess.Popen:
     return subprocess.Popen([*PRIVLM, "train", "run", str(recipe)], cwd=REPO, env=run_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    metrics = run / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if metrics.exists() and max(read_losses(run) or {0: 0}) >= step:
-            return
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.02)
-    raise TimeoutError(f"step {step} not reached")
 
 
 def test_sigkill_of_the_whole_job_resumes_bitwise(tmp_path: Path, small_data: Path, reference_run) -> None:
