@@ -27,7 +27,8 @@ def register(run_dir: Path = typer.Argument(..., help="a finished run, e.g. runs
         reg = register_run(run_dir, name)
     except (RegistryError, FileNotFoundError) as exc:
         _fail(exc)
-    typer.echo(f"registered {reg.name} version {reg.version} (run {reg.run_id}, parent "
+    verb = "already registered as" if reg.reused else "registered"
+    typer.echo(f"{verb} {reg.name} version {reg.version} (run {reg.run_id}, parent "
                f"{reg.tags.get('privlm.parent', 'none')})")
 
 

@@ -26,6 +26,7 @@ class Registered:
     version: str
     run_id: str
     tags: dict[str, str]
+    reused: bool = False
 
 
 def lineage_tags(run_dir: Path) -> dict[str, str]:
@@ -51,10 +52,9 @@ def lineage_tags(run_dir: Path) -> dict[str, str]:
 
 
 def find_version_by_model_dir(mlflow_client: Any, model_dir: str) -> Any | None:
-    """The registered version whose exported model lives at `model_dir` (the parent of a fine-tune)."""
-    for mv in mlflow_client.search_model_versions(f"tags.`privlm.model_dir` = '{model_dir}'"):
-        return mv
-    return None
+    """The newest registered version whose exported model lives at `model_dir` (e.g. a fine-tune's parent)."""
+    found = mlflow_client.search_model_versions(f"tags.`privlm.model_dir` = '{model_dir}'")
+    return max(found, key=lambda mv: int(mv.version), default=None)
 
 
 def register_run(run_dir: Path, name: str | None = None, uri: str | None = None) -> Registered:
@@ -70,6 +70,12 @@ def register_run(run_dir: Path, name: str | None = None, uri: str | None = None)
     if "privlm.base_model_dir" in tags:
         parent = find_version_by_model_dir(mlflow_client, tags["privlm.base_model_dir"])
         tags["privlm.parent"] = f"{parent.name}/{parent.version}" if parent else "unregistered"
+    existing = find_version_by_model_dir(mlflow_client, tags["privlm.model_dir"])
+    if existing is not None and existing.name == name and all(
+            existing.tags.get(k) == tags.get(k) for k in ("privlm.recipe_fingerprint", "privlm.step",
+                                                          "privlm.train_eval_loss", "privlm.git_commit")):
+        return Registered(name=name, version=str(existing.version), run_id=existing.run_id, tags=tags,
+                          reused=True)
     run_id = _training_run_id(run_dir) or _new_run(mlflow_client, recipe)
     model_uri = _log_model(run_dir / "model", run_id, uri)
     _ensure_registered_model(mlflow_client, name)
