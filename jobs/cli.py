@@ -42,12 +42,3 @@ def run(recipe: Path = RecipeArg, overrides: list[str] = OverrideOpt) -> None:
     from jobs.train.launcher import launch_local
 
     sys.exit(launch_local(_load(recipe, overrides), recipe_path=recipe, overrides=overrides))
-
-
-def demo_command(
-    steps: int | None = typer.Option(None, help="override the pretraining steps (default: the recipe's)"),
-) -> None:
-    """Run the whole demo path on this machine: data, pretrain, LoRA fine-tune."""
-    from jobs.demo import run_demo
-
-    sys.exit(run_demo(pretrain_steps=steps))

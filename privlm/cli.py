@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from jobs.cli import data_app, demo_command, train_app
+from jobs.cli import data_app, train_app
 from mlops.cli import model_app
 
 app = typer.Typer(
@@ -19,7 +19,16 @@ app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(model_app, name="model")
-app.command("demo")(demo_command)
+
+
+@app.command("demo")
+def demo(steps: int | None = typer.Option(None, help="override the pretraining steps (default: the recipe's)")) -> None:
+    """Run the whole path on this machine: data, pretrain, LoRA fine-tune, register and promote."""
+    import sys
+
+    from privlm.demo import run_demo
+
+    sys.exit(run_demo(pretrain_steps=steps))
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The demo path on this machine: prepare the corpus, pretrain the tiny model, LoRA fine-tune it."""
+"""The demo path on this machine, station by station: data, pretrain, LoRA fine-tune, registry."""
 
 from __future__ import annotations
 
@@ -43,8 +43,38 @@ def run_demo(pretrain_steps: int | None = None) -> int:
             return code
         timings.append((label, time.perf_counter() - t0, str(recipe.run_path / "model")))
 
+    console.rule("registry: register, evaluate, promote (MLflow)")
+    t0 = time.perf_counter()
+    outcome = register_and_promote(console, pretrain.run_path, finetune.run_path, finetune.data_path)
+    timings.append(("registry: MLflow", time.perf_counter() - t0, outcome))
+
     _print_summary(console, timings, pretrain.run_path, finetune.run_path)
     return 0
+
+
+def register_and_promote(console: Console, base_run: Path, tuned_run: Path, eval_data: Path) -> str:
+    """Register both models as versions of one, evaluate them on the fine-tuning task, gate the champion."""
+    from mlops.evaluate import evaluate_version
+    from mlops.promote import PromotionRefused, promote_challenger, promote_champion
+    from mlops.registry import register_run
+    from mlops.tracking import tracking_uri
+
+    versions = []
+    for run in (base_run, tuned_run):
+        reg = register_run(run)
+        result = evaluate_version(reg.name, reg.version, data_dir=eval_data)
+        console.print(f"{reg.name} v{reg.version} ({run.name}{', reused' if reg.reused else ''}): "
+                      f"perplexity {result['eval_perplexity']:.2f} on the fine-tuning task's held-out split")
+        versions.append(reg)
+    name = versions[0].name
+    for reg in versions:
+        promote_challenger(name, reg.version, reason="demo")
+        try:
+            decision = promote_champion(name, reason="demo")
+            console.print(f"champion: v{decision.version} ({decision.reason})")
+        except PromotionRefused as refused:
+            console.print(f"[yellow]{refused}")
+    return f"models:/{name}@champion in {tracking_uri()}"
 
 
 def _print_summary(console: Console, timings: list[tuple[str, float, str]], *runs: Path) -> None:
