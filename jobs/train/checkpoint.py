@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from jobs.files import atomic_write_text, fsync_dir
 from jobs.train.distributed import RankInfo, barrier
 
 STAGING = ".staging"
@@ -45,26 +46,6 @@ def fsync_tree(path: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(Path(root))
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so renames inside it are durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small file through a temporary name, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def sha256_file(path: Path) -> str:

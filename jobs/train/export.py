@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from jobs.files import replace_dir
 from jobs.train.distributed import RankInfo, barrier
 
 LINEAGE_FILE = "privlm.json"
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished directory into place; an older one is removed only after the swap."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def gathered_state_dict(module: Any, rank: RankInfo) -> dict[str, Any] | None:
