@@ -30,7 +30,7 @@ SMALL = {
                     "max_top_ngram_fraction": 0.5},
     },
     "training": {"sequence_length": 64, "micro_batch_size": 4, "global_batch_size": 16, "processes_per_node": 2,
-                 "learning_rate": 3e-3, "min_learning_rate": 3e-4, "warmup_steps": 2, "max_steps": 12,
+                 "learning_rate": 1e-2, "min_learning_rate": 1e-3, "warmup_steps": 2, "max_steps": 12,
                  "log_every": 1, "seed": 7},
     "deepspeed": {"zero_stage": 1},
     "checkpoint": {"interval": 4, "keep": 2},

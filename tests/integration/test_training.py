@@ -36,14 +36,14 @@ def test_zero_stage_trains_and_exports_a_loadable_model(stage: int, make_recipe,
     run = recipe.parent / f"zero{stage}"
     losses = read_losses(run)
     assert sorted(losses) == list(range(1, 11))
-    assert losses[10] < losses[1] - 0.5, losses
+    assert losses[10] < losses[1] - 0.4, losses
     model_dir = run / "model"
     for name in ("model.safetensors", "config.json", "tokenizer.json", "privlm.json"):
         assert (model_dir / name).is_file(), name
     lineage = json.loads((model_dir / "privlm.json").read_text())
     assert lineage["step"] == 10 and lineage["zero_stage"] == stage and lineage["data_fingerprint"]
     # The export holds the trained weights (gathered from ZeRO partitions): same loss outside DeepSpeed.
-    assert exported_eval_loss(model_dir, small_data) < losses[1] - 0.5
+    assert exported_eval_loss(model_dir, small_data) < losses[1] - 0.4
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     step = next(r for r in records if r.get("step") == 10 and "loss" in r)
     assert step["tokens_per_s"] > 0 and 0 < step["mfu"] < 1.5 and step["grad_norm"] > 0
