@@ -77,9 +77,9 @@ def register_run(run_dir: Path, name: str | None = None, uri: str | None = None)
         return Registered(name=name, version=str(existing.version), run_id=existing.run_id, tags=tags,
                           reused=True)
     run_id = _training_run_id(run_dir) or _new_run(mlflow_client, recipe)
-    model_uri = _log_model(run_dir / "model", run_id, uri)
+    model_uri, model_id = _log_model(run_dir / "model", run_id, uri)
     _ensure_registered_model(mlflow_client, name)
-    mv = mlflow_client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags)
+    mv = mlflow_client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id)
     return Registered(name=name, version=str(mv.version), run_id=run_id, tags=tags)
 
 
@@ -96,8 +96,8 @@ def _new_run(mlflow_client: Any, recipe: Any) -> str:
     return run.info.run_id
 
 
-def _log_model(model_dir: Path, run_id: str, uri: str) -> str:
-    """Log the Hugging Face directory with the transformers flavor; return its model URI."""
+def _log_model(model_dir: Path, run_id: str, uri: str) -> tuple[str, str | None]:
+    """Log the Hugging Face directory with the transformers flavor; return its model URI and id."""
     import mlflow
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -109,7 +109,7 @@ def _log_model(model_dir: Path, run_id: str, uri: str) -> str:
             transformers_model={"model": model, "tokenizer": tokenizer}, name="model", task="text-generation",
             pip_requirements=PIP_REQUIREMENTS,
         )
-    return info.model_uri
+    return info.model_uri, getattr(info, "model_id", None)
 
 
 def _ensure_registered_model(mlflow_client: Any, name: str) -> None:

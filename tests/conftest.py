@@ -14,7 +14,16 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import SMALL, merge, write_recipe
+from tests.helpers import LOCAL_TRACKING_DIR, SMALL, merge, write_recipe
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _local_tracking_store() -> Iterator[None]:
+    """The sqlite MLflow store that runs without a server write to, removed after the session."""
+    yield
+    import shutil
+
+    shutil.rmtree(LOCAL_TRACKING_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PRIVLM = [sys.executable, "-m", "privlm.cli"]
+LOCAL_TRACKING_DIR = Path(tempfile.gettempdir()) / f"privlm-tests-{os.getpid()}"
 
 # A model small enough that a 2-rank DeepSpeed step takes milliseconds on 2 cores.
 SMALL = {
@@ -57,6 +59,8 @@ def run_env() -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
     env.pop("PRIVLM_FAULT", None)
+    LOCAL_TRACKING_DIR.mkdir(exist_ok=True)  # never the repo's own ./mlflow store
+    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{LOCAL_TRACKING_DIR}/mlflow.db")
     return env
 
 
