@@ -31,7 +31,11 @@ def tracking_uri() -> str:
 
 
 def configure_client_env() -> None:
-    """Fail fast instead of MLflow's minutes of HTTP retries; no telemetry."""
+    """Fail fast instead of MLflow's minutes of HTTP retries; no telemetry; no store-migration chatter."""
+    import logging
+
+    for name in ("mlflow.store", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
