@@ -36,6 +36,10 @@ def configure_client_env() -> None:
 
     for name in ("mlflow.store", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)  # hub model-card and license lookups
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -105,7 +109,7 @@ class Outbox:
             self._fh.flush()
         self._wake.set()
 
-    def close(self, timeout_s: float = 10.0) -> bool:
+    def close(self, timeout_s: float = 30.0) -> bool:
         """Stop the thread after a last delivery attempt; True when everything was delivered."""
         self._stop.set()
         self._wake.set()

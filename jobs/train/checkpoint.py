@@ -211,8 +211,12 @@ class CheckpointManager:
             shutil.rmtree(self.staging, ignore_errors=True)
         barrier()
 
-    def load(self, engine: Any) -> tuple[Checkpoint, dict[str, Any]] | None:
-        """Load the newest verified checkpoint into the engine and this rank's RNG; None if there is none."""
+    def load(self, engine: Any, data_fingerprint: str | None = None) -> tuple[Checkpoint, dict[str, Any]] | None:
+        """Load the newest verified checkpoint into the engine and this rank's RNG; None if there is none.
+
+        Refuses a checkpoint written by another number of ranks, or trained on other data (a re-prepared
+        dataset has another tokenizer and block order: resuming on it would silently train on garbage).
+        """
         self.clean_staging()
         found = find_latest(self.directory, self.checksums)
         if found is None:
@@ -221,6 +225,12 @@ class CheckpointManager:
             raise CheckpointError(
                 f"{found.path} was written by {found.meta['world_size']} ranks but this job has "
                 f"{self.rank.world_size}; resume with the same processes_per_node x nodes"
+            )
+        trained_on = found.meta.get("data_fingerprint")
+        if trained_on and data_fingerprint and trained_on != data_fingerprint:
+            raise CheckpointError(
+                f"{found.path} was trained on data {trained_on} but the prepared data is now {data_fingerprint} "
+                f"(it was re-prepared); move {self.directory} aside to train from scratch, or restore that data"
             )
         _, client_state = engine.load_checkpoint(str(self.directory), tag=found.tag,
                                                  load_module_strict=not self.exclude_frozen)

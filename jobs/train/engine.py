@@ -62,7 +62,11 @@ def train(recipe: Recipe) -> int:
                                      exclude_frozen=_is_lora(recipe))
     step, tokens_seen = 0, 0
     t_load = time.perf_counter()
-    resumed = manager.load(engine)
+    try:
+        resumed = manager.load(engine, _data_fingerprint(recipe))
+    except ckpt.CheckpointError as refused:  # every rank sees the same checkpoint and refuses alike
+        log(f"cannot resume: {refused}")
+        return 2
     load_seconds = time.perf_counter() - t_load
     if resumed is not None:
         found, state = resumed
@@ -154,6 +158,7 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     ds_logger.setLevel(logging.ERROR)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -270,6 +275,7 @@ def _grad_norm_after_step(engine: Any, before: float | None) -> float:
 
 def _meta(recipe: Recipe, step: int, tokens: int) -> dict[str, Any]:
     return {"recipe": recipe.name, "recipe_fingerprint": recipe.fingerprint(), "tokens": tokens,
+            "data_fingerprint": _data_fingerprint(recipe),
             "zero_stage": recipe.deepspeed.zero_stage, "lora": _is_lora(recipe), "git_commit": _git_commit()}
 
 
@@ -303,8 +309,7 @@ def _export(recipe: Recipe, engine: Any, rank: RankInfo, step: int, tokens: int,
     from jobs.train.export import export_full, export_lora
 
     lineage = {**_meta(recipe, step, tokens), "step": step, "eval_loss": eval_loss,
-               "base_model": recipe.finetune.base if recipe.finetune else None,
-               "data_fingerprint": _data_fingerprint(recipe)}
+               "base_model": recipe.finetune.base if recipe.finetune else None}
     tokenizer_dir = recipe.data_path / "tokenizer"
     out = recipe.run_path / "model"
     if _is_lora(recipe):

@@ -115,7 +115,8 @@ class MetricsWriter:
             return
         self._fh.close()
         if self.tracker is not None and not self.tracker.finish(status, summary or {}):
-            print(f"[privlm] MLflow unreachable ({self.tracker.outbox.last_error}); metrics kept in "
+            why = self.tracker.outbox.last_error or "delivery still in progress"
+            print(f"[privlm] MLflow not reached ({why}); metrics kept in "
                   f"{self.tracker.outbox.path}, delivered by the next run or `privlm model sync`", flush=True)
 
 
