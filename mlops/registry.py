@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,12 +45,20 @@ def lineage_tags(run_dir: Path) -> dict[str, str]:
         "privlm.step": str(lineage.get("step")),
         "privlm.model_dir": str(model_dir.resolve()),
         "privlm.recipe_yaml": (run_dir / "recipe.yaml").read_text()[:5000],
+        "privlm.weights_sha256": _weights_digest(model_dir),
     }
     if lineage.get("eval_loss") is not None:
         tags["privlm.train_eval_loss"] = f"{lineage['eval_loss']:.6f}"
     if lineage.get("base_model"):
         tags["privlm.base_model_dir"] = str(Path(lineage["base_model"]).resolve())
     return tags
+
+
+def _weights_digest(model_dir: Path) -> str:
+    """SHA-256 over the safetensors files: the identity of the weights, whatever the path."""
+    from jobs.train.checkpoint import sha256_file
+
+    return hashlib.sha256("".join(sha256_file(f) for f in sorted(model_dir.glob("*.safetensors"))).encode()).hexdigest()
 
 
 def find_version_by_model_dir(mlflow_client: Any, model_dir: str) -> Any | None:
@@ -71,9 +81,8 @@ def register_run(run_dir: Path, name: str | None = None, uri: str | None = None)
         parent = find_version_by_model_dir(mlflow_client, tags["privlm.base_model_dir"])
         tags["privlm.parent"] = f"{parent.name}/{parent.version}" if parent else "unregistered"
     existing = find_version_by_model_dir(mlflow_client, tags["privlm.model_dir"])
-    if existing is not None and existing.name == name and all(
-            existing.tags.get(k) == tags.get(k) for k in ("privlm.recipe_fingerprint", "privlm.step",
-                                                          "privlm.train_eval_loss", "privlm.git_commit")):
+    if existing is not None and existing.name == name and \
+            existing.tags.get("privlm.weights_sha256") == tags["privlm.weights_sha256"]:
         return Registered(name=name, version=str(existing.version), run_id=existing.run_id, tags=tags,
                           reused=True)
     run_id = _training_run_id(run_dir) or _new_run(mlflow_client, recipe)
@@ -98,8 +107,12 @@ def _new_run(mlflow_client: Any, recipe: Any) -> str:
 
 def _log_model(model_dir: Path, run_id: str, uri: str) -> tuple[str, str | None]:
     """Log the Hugging Face directory with the transformers flavor; return its model URI and id."""
-    import mlflow
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # mlflow.transformers imports DeepSpeed
+    import mlflow
 
     mlflow.set_tracking_uri(uri)
     model = AutoModelForCausalLM.from_pretrained(model_dir)

@@ -31,7 +31,8 @@ def run_demo(pretrain_steps: int | None = None) -> int:
         console.rule(label)
         t0 = time.perf_counter()
         result = prepare_data(recipe)
-        timings.append((label, time.perf_counter() - t0, str(result.output_dir)))
+        note = " (unchanged, reused)" if result.skipped else ""
+        timings.append((label, time.perf_counter() - t0, f"{result.output_dir}{note}"))
 
     for label, recipe, path, extra in (("train: pretrain (DeepSpeed, 2 ranks)", pretrain, PRETRAIN, overrides),
                                        ("train: LoRA fine-tune", finetune, FINETUNE, [])):
@@ -62,11 +63,14 @@ def register_and_promote(console: Console, base_run: Path, tuned_run: Path, eval
     versions = []
     for run in (base_run, tuned_run):
         reg = register_run(run)
+        if reg.reused:
+            console.print(f"{reg.name} v{reg.version} ({run.name}): already registered and evaluated")
+            continue
         result = evaluate_version(reg.name, reg.version, data_dir=eval_data)
-        console.print(f"{reg.name} v{reg.version} ({run.name}{', reused' if reg.reused else ''}): "
-                      f"perplexity {result['eval_perplexity']:.2f} on the fine-tuning task's held-out split")
+        console.print(f"{reg.name} v{reg.version} ({run.name}): perplexity {result['eval_perplexity']:.2f} "
+                      "on the fine-tuning task's held-out split")
         versions.append(reg)
-    name = versions[0].name
+    name = reg.name
     for reg in versions:
         promote_challenger(name, reg.version, reason="demo")
         try:

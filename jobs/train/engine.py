@@ -72,6 +72,9 @@ def train(recipe: Recipe) -> int:
         found, state = resumed
         step, tokens_seen = int(state["step"]), int(state["tokens"])
         log(f"resumed from {found.path} at step {step} ({tokens_seen:,} tokens seen) in {load_seconds:.2f}s")
+    if step >= t.total_steps and _already_exported(recipe, step):
+        log(f"already trained to step {step}; model in {recipe.run_path / 'model'} (nothing to do)")
+        return 0
     interval = _checkpoint_interval(recipe)
 
     from jobs.train.model import flops_per_token
@@ -182,6 +185,12 @@ def _tracker(recipe: Recipe, rank: RankInfo, resumed_step: int | None) -> Any:
                                  "privlm.data_fingerprint": _data_fingerprint(recipe) or "unknown",
                                  "privlm.world_size": str(rank.world_size), "privlm.device": rank.device})
     return tracker
+
+
+def _already_exported(recipe: Recipe, step: int) -> bool:
+    """A finished run whose export matches its last checkpoint (a rerun must not re-export)."""
+    lineage = recipe.run_path / "model" / "privlm.json"
+    return lineage.is_file() and json.loads(lineage.read_text()).get("step") == step
 
 
 def _is_lora(recipe: Recipe) -> bool:
