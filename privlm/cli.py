@@ -10,6 +10,7 @@ import typer
 
 from jobs.cli import data_app, train_app
 from mlops.cli import model_app
+from serving.cli import serve_app
 
 app = typer.Typer(
     help="privlm: data -> DeepSpeed training on Slurm -> MLflow registry -> Ray Serve, with its cost.",
@@ -19,6 +20,7 @@ app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(model_app, name="model")
+app.add_typer(serve_app, name="serve")
 
 
 @app.command("demo")

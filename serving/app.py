@@ -344,6 +344,9 @@ def model_deployment(settings: ServeSettings, role: str, uri: str, version: str)
 def build_app(args: dict[str, Any]) -> Any:
     """The Serve application (also the `import_path` target of serving/config/privlm-serve.yaml)."""
     settings = ServeSettings.model_validate(args)
+    # Keys from the environment of whoever deploys are hashed here: replicas never see them in plain text.
+    env_keys = KeyRing([], settings.api_keys_env).hashes
+    settings = settings.model_copy(update={"api_key_hashes": sorted(set(settings.api_key_hashes) | env_keys)})
     if settings.tracking_uri is None:
         from mlops.tracking import tracking_uri
 
