@@ -24,13 +24,14 @@ app.add_typer(serve_app, name="serve")
 
 
 @app.command("demo")
-def demo(steps: int | None = typer.Option(None, help="override the pretraining steps (default: the recipe's)")) -> None:
-    """Run the whole path on this machine: data, pretrain, LoRA fine-tune, register and promote."""
+def demo(steps: int | None = typer.Option(None, help="override the pretraining steps (default: the recipe's)"),
+         keep_serving: bool = typer.Option(False, help="leave the endpoint running at the end")) -> None:
+    """Run the whole path on this machine: data, pretrain, LoRA fine-tune, register, promote, serve."""
     import sys
 
     from privlm.demo import run_demo
 
-    sys.exit(run_demo(pretrain_steps=steps))
+    sys.exit(run_demo(pretrain_steps=steps, keep_serving=keep_serving))
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The demo path on this machine, station by station: data, pretrain, LoRA fine-tune, registry."""
+"""The demo path on this machine, station by station: data, pretrain, LoRA fine-tune, registry, serving."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ PRETRAIN = REPO_ROOT / "recipes" / "tiny-cpu.yaml"
 FINETUNE = REPO_ROOT / "recipes" / "tiny-cpu-lora.yaml"
 
 
-def run_demo(pretrain_steps: int | None = None) -> int:
+def run_demo(pretrain_steps: int | None = None, keep_serving: bool = False) -> int:
     """Run each station in order and print where the model is and what each step cost in time."""
     from jobs.data.pipeline import prepare_data
     from jobs.train.launcher import launch_local
@@ -49,8 +49,48 @@ def run_demo(pretrain_steps: int | None = None) -> int:
     outcome = register_and_promote(console, pretrain.run_path, finetune.run_path, finetune.data_path)
     timings.append(("registry: MLflow", time.perf_counter() - t0, outcome))
 
+    console.rule("serve: the champion, int8, OpenAI-compatible (Ray Serve)")
+    t0 = time.perf_counter()
+    answer = serve_and_ask(console, keep_serving)
+    timings.append(("serve: Ray Serve + one completion", time.perf_counter() - t0, answer))
+
     _print_summary(console, timings, pretrain.run_path, finetune.run_path)
     return 0
+
+
+def serve_and_ask(console: Console, keep_serving: bool, port: int = 8000) -> str:
+    """Serve models:/privlm-tiny@champion and ask it for one completion over HTTP."""
+    import os
+
+    import httpx
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"model_uri": "models:/privlm-tiny@champion", "port": port}), name="privlm",
+                  route_prefix="/")
+        body = {"model": "privlm-tiny", "prompt": "def test_", "max_tokens": 24, "temperature": 0}
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120)
+        reply.raise_for_status()
+        text = reply.json()["choices"][0]["text"]
+        version = reply.headers["x-privlm-model-version"]
+        console.print(f"POST /v1/completions {json.dumps(body)}\n-> {version}: {body['prompt']}{text}")
+        if keep_serving:
+            console.print(f"serving on http://127.0.0.1:{port}/v1 until Ctrl-C")
+            while True:
+                time.sleep(3600)
+        return f"{version}: {text.strip()[:40]!r}"
+    except KeyboardInterrupt:
+        return "stopped"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def register_and_promote(console: Console, base_run: Path, tuned_run: Path, eval_data: Path) -> str:
