@@ -32,6 +32,7 @@ test: venv system lint
 
 bench: venv
 	$(PY) benchmarks/train.py
+	$(PY) benchmarks/serve.py
 
 clean:
 	rm -rf runs data .pytest_cache .ruff_cache
