@@ -81,7 +81,7 @@ def train(recipe: Recipe) -> int:
 
     peak, peak_source = peak_flops(rank.device, recipe.deepspeed.precision)
     meter = ThroughputMeter(flops_per_token(recipe.model, total, t.sequence_length), peak * rank.world_size)
-    tracker = _tracker(recipe, rank, step if resumed is not None else None)
+    tracker = _tracker(recipe, rank, step if resumed is not None else None, total)
     metrics = MetricsWriter(recipe.run_path / "metrics.jsonl", enabled=rank.is_main, tracker=tracker)
     metrics.write({"event": "start", "step": step, "resumed": resumed is not None, "load_seconds": load_seconds,
                    "peak_flops_per_rank": peak,
@@ -174,7 +174,7 @@ def _logger(rank: RankInfo):
     return log
 
 
-def _tracker(recipe: Recipe, rank: RankInfo, resumed_step: int | None) -> Any:
+def _tracker(recipe: Recipe, rank: RankInfo, resumed_step: int | None, params: int) -> Any:
     """Rank 0's MLflow tracker (None when tracking is off or on other ranks)."""
     if not (rank.is_main and recipe.registry.tracking):
         return None
@@ -183,7 +183,8 @@ def _tracker(recipe: Recipe, rank: RankInfo, resumed_step: int | None) -> Any:
     tracker = RunTracker(recipe)
     tracker.start(resumed_step, {"privlm.git_commit": _git_commit() or "unknown",
                                  "privlm.data_fingerprint": _data_fingerprint(recipe) or "unknown",
-                                 "privlm.world_size": str(rank.world_size), "privlm.device": rank.device})
+                                 "privlm.world_size": str(rank.world_size), "privlm.device": rank.device,
+                                 "privlm.params": str(params)})
     return tracker
 
 

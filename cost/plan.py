@@ -1,0 +1,115 @@
+"""Hardware planning: per-GPU memory for training under ZeRO 0-3 (offload, activation checkpointing),
+the smallest catalog configurations that fit with their time and cost, and serving memory per replica."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cost.prices import gpus, instances
+from cost.workload import gpu_hours, training_flops
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class TrainShape:
+    """What sets training memory: size, shape, batch, precision."""
+
+    params: float
+    layers: int
+    hidden: int
+    heads: int
+    seq_len: int
+    micro_batch: int
+    vocab: int = 32000
+
+
+def model_state_bytes(params: float, stage: int, gpus_: int, offload_optimizer: bool = False,
+                      offload_params: bool = False) -> float:
+    """Per-GPU bytes of bf16 weights (2N), bf16 grads (2N) and fp32 Adam states + master weights (12N).
+
+    ZeRO-1 shards the optimizer states, ZeRO-2 also the gradients, ZeRO-3 also the weights (Rajbhandari et al.
+    2020, section 5); CPU offload moves the optimizer states (and with offload_params the weights) off the GPU.
+    """
+    weights, grads, optim = 2 * params, 2 * params, 12 * params
+    if offload_optimizer:
+        optim = 0.0
+    if stage >= 1:
+        optim /= gpus_
+    if stage >= 2:
+        grads /= gpus_
+    if stage >= 3:
+        weights = 0.0 if offload_params else weights / gpus_
+    return weights + grads + optim
+
+
+def activation_bytes(shape: TrainShape, checkpointing: bool) -> float:
+    """Per-GPU activations: 34·s·b·h bytes per layer in bf16 (Korthikanti et al. 2022, eq. 2, with fused/flash
+    attention, which drops the 5·a·s²·b score term); with full activation checkpointing, each layer's input
+    (2·s·b·h) plus one layer recomputed."""
+    s, b, h, n = shape.seq_len, shape.micro_batch, shape.hidden, shape.layers
+    per_layer = 34 * s * b * h
+    logits = 4 * s * b * shape.vocab  # fp32 logits for the loss
+    if checkpointing:
+        return n * 2 * s * b * h + per_layer + logits
+    return n * per_layer + logits
+
+
+def train_memory_gib(shape: TrainShape, stage: int, gpus_: int, offload: bool, checkpointing: bool) -> float:
+    """Per-GPU memory in GiB, with 10% for fragmentation and buffers."""
+    total = model_state_bytes(shape.params, stage, gpus_, offload, offload and stage == 3)
+    return 1.1 * (total + activation_bytes(shape, checkpointing)) / GIB
+
+
+def smallest_fits(shape: TrainShape, tokens: float, mfu: float = 0.4, limit: int = 8) -> list[dict[str, Any]]:
+    """For each catalog instance type, the fewest GPUs (whole nodes beyond one) that fit, cheapest first."""
+    options = []
+    for inst in instances().values():
+        gpu = gpus().get(inst.gpu)
+        if gpu is None:
+            continue
+        for nodes in (1, 2, 4, 8, 16, 32, 64):  # instances are rented whole
+            n_gpus = nodes * inst.gpus
+            fit = _best_setting(shape, n_gpus, inst.gpu_memory_gib)
+            if fit is None:
+                continue
+            hours = gpu_hours(training_flops(shape.params, tokens), gpu.bf16_dense_tflops, mfu) / n_gpus
+            options.append({"instance_type": inst.instance_type, "gpu": inst.gpu, "gpus": n_gpus, "nodes": nodes,
+                            **fit, "days": hours / 24, "on_demand_usd": hours * nodes * inst.on_demand_usd_per_hour})
+            break
+    return sorted(options, key=lambda o: o["on_demand_usd"])[:limit]
+
+
+def _best_setting(shape: TrainShape, n_gpus: int, gpu_gib: float) -> dict[str, Any] | None:
+    """The least intrusive setting that fits: lowest ZeRO stage, no offload, no recomputation first."""
+    for checkpointing in (False, True):
+        for offload in (False, True):
+            for stage in (1, 2, 3) if offload else (0, 1, 2, 3):  # offload needs ZeRO 1+
+                gib = train_memory_gib(shape, stage, n_gpus, offload, checkpointing)
+                if gib <= gpu_gib:
+                    return {"zero_stage": stage, "offload": offload, "activation_checkpointing": checkpointing,
+                            "gib_per_gpu": gib}
+    return None
+
+
+def serving_memory_gib(params: float, layers: int, kv_heads: int, head_dim: int, context: int, batch: int,
+                       quantization: str = "bf16") -> dict[str, float]:
+    """Weights at a quantization plus the bf16 KV cache (2 x layers x kv_heads x head_dim x context x batch)."""
+    bytes_per_param = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}[quantization]
+    weights = params * bytes_per_param
+    kv = 2 * layers * kv_heads * head_dim * context * batch * 2
+    return {"weights_gib": weights / GIB, "kv_cache_gib": kv / GIB, "total_gib": 1.1 * (weights + kv) / GIB}
+
+
+def replicas_needed(params: float, requests_per_s: float, tokens_per_request: float, peak_tflops: float,
+                    serve_mfu: float = 0.1, latency_target_s: float | None = None, batch: int = 16) -> dict[str, Any]:
+    """Replicas for a request rate: aggregate tokens/s over what one replica generates at `serve_mfu`."""
+    replica_tps = peak_tflops * 1e12 * serve_mfu / (2 * params)
+    replicas = max(1, math.ceil(requests_per_s * tokens_per_request / replica_tps))
+    latency = tokens_per_request / (replica_tps / batch)
+    out = {"replica_tokens_per_s": replica_tps, "replicas": replicas, "latency_s_at_batch": latency}
+    if latency_target_s is not None and latency > latency_target_s:
+        out["warning"] = (f"at batch {batch} a request takes {latency:.1f}s > target {latency_target_s}s: "
+                          "lower the batch or add replicas")
+    return out
