@@ -3,6 +3,7 @@ the smallest catalog configurations that fit with their time and cost, and servi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
