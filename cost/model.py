@@ -187,7 +187,8 @@ def own_costs(s: Scenario) -> dict[str, Any]:
     capex = count * ((o.capex_per_server_usd or srv.capex_usd) + o.network_capex_per_node_usd
                      + o.storage_capex_per_node_usd)
     kw = count * (o.power_kw_per_node or srv.power_kw)
-    load = 0.3 + 0.7 * o.utilisation  # servers draw ~30% of peak when idle
+    busy = min(1.0, (train_h + infer_h) / (count * srv.gpus * HOURS_PER_YEAR))  # the workload sets the load
+    load = 0.3 + 0.7 * busy  # servers draw ~30% of peak when idle
     parts = {"power": kw * load * o.pue * HOURS_PER_YEAR * o.usd_per_kwh,
              "colocation": kw * o.pue * o.colo_usd_per_kw_month * 12,
              "staff": o.staff_fte * o.staff_usd_per_fte, "maintenance": o.maintenance_pct * capex}

@@ -28,20 +28,24 @@ class TrainShape:
 
 def model_state_bytes(params: float, stage: int, gpus_: int, offload_optimizer: bool = False,
                       offload_params: bool = False) -> float:
-    """Per-GPU bytes of bf16 weights (2N), bf16 grads (2N) and fp32 Adam states + master weights (12N).
+    """Per-GPU bytes of model states in bf16 mixed precision, as DeepSpeed's own estimators count them:
+    bf16 weights 2N, bf16 gradients 2N, and 16N of fp32 master weights, Adam m and v, and fp32 gradients.
 
-    ZeRO-1 shards the optimizer states, ZeRO-2 also the gradients, ZeRO-3 also the weights (Rajbhandari et al.
-    2020, section 5); CPU offload moves the optimizer states (and with offload_params the weights) off the GPU.
+    ZeRO-1 shards the 16N, ZeRO-2 also the gradients, ZeRO-3 also the weights (Rajbhandari et al. 2020);
+    CPU offload moves the 16N (and ZeRO-2/3 gradients) to the host, and with offload_params the weights too.
     """
-    weights, grads, optim = 2 * params, 2 * params, 12 * params
+    weights, grads, optim = 2 * params, 2 * params, 16 * params
     if offload_optimizer:
         optim = 0.0
+        if stage >= 2:
+            grads = 0.0
     if stage >= 1:
         optim /= gpus_
     if stage >= 2:
         grads /= gpus_
     if stage >= 3:
         weights = 0.0 if offload_params else weights / gpus_
+        grads = 0.0  # ZeRO-3 reduces straight into the fp32 partition
     return weights + grads + optim
 
 
