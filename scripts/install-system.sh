@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # System packages the stations need on a Debian machine; a rerun installs nothing new.
 set -euo pipefail
-packages=(procps)
+packages=(procps chromium)  # chromium: the HTML cost report is rendered headless in the tests
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
