@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # System packages the stations need on a Debian machine; a rerun installs nothing new.
 set -euo pipefail
-packages=(procps chromium)  # chromium: the HTML cost report is rendered headless in the tests
+packages=(procps chromium fonts-dejavu-core)  # chromium renders the HTML cost report headless in the tests
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
   sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}"
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi

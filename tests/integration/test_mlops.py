@@ -166,3 +166,11 @@ def test_bad_registry_input_is_refused_without_changing_aliases(three_models, ml
                   check=False)
     assert down.returncode == 1 and "did not answer" in down.stderr
     assert champion(mlflow_server) == before
+
+
+def test_cost_of_a_tracked_run(three_models, mlflow_server) -> None:
+    from mlflow.tracking import MlflowClient
+
+    version = MlflowClient(mlflow_server.uri).get_model_version("privlm-test", three_models["long"])
+    out = privlm("cost", "run", version.run_id, env=env_for(mlflow_server)).stdout
+    assert "p5.48xlarge" in out and "as run (2 x cpu)" in out
