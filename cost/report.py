@@ -39,7 +39,8 @@ def verdict(a: dict[str, Any], labels: dict[str, str]) -> list[str]:
     lines = [f"Cheaper over {a['years']} years: {labels[a['cheaper']]} "
              f"(by {money(abs(a['totals']['cloud'] - a['totals']['own']))})."]
     m = a["break_even_month"]
-    lines.append(f"Owning breaks even in month {m}." if m else "Owning does not break even within the horizon.")
+    lines.append(f"Break-even: owning has cost no more than renting from month {m}." if m
+                 else "No break-even within the horizon: owning stays costlier.")
     if "break_even_requests_per_year" in a:
         lines.append(f"Owning pays off above {a['break_even_requests_per_year'] / 1e6:,.1f} million requests a year.")
     if "break_even_utilisation" in a:
