@@ -223,8 +223,9 @@ def analyse(s: Scenario) -> dict[str, Any]:
     totals = {"cloud": curves["cloud"][-1], "own": curves["own"][-1]}
     out: dict[str, Any] = {
         "scenario": s.name, "years": s.years, "cloud": c, "own": o, "curves": curves, "totals": totals,
-        "per_year": {k: [v[12 * y] - v[12 * (y - 1)] if y else v[0] for y in range(s.years + 1)]
-                     for k, v in curves.items()},
+        "per_year": {"cloud": [c["upfront"]] + [c["annual"]] * s.years,
+                     "own": [o["upfront"]] + [o["annual"]] * s.years},
+        "residual": {"cloud": 0.0, "own": o["residual"]},
         "npv": {"cloud": npv(c["upfront"], c["annual"], s.years, s.cost_of_capital),
                 "own": npv(o["upfront"], o["annual"], s.years, s.cost_of_capital, o["residual"])},
         "break_even_month": break_even_month(curves["cloud"], curves["own"]),

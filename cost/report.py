@@ -24,6 +24,8 @@ def terminal_table(a: dict[str, Any], labels: dict[str, str]) -> Any:
     for y in range(a["years"] + 1):
         name = "up front" if y == 0 else f"year {y}"
         t.add_row(name, *(money(a["per_year"][k][y]) for k in ("cloud", "own")))
+    if a["residual"]["own"]:
+        t.add_row("resale value at the end", "-", money(-a["residual"]["own"]))
     t.add_row("total", *(money(a["totals"][k]) for k in ("cloud", "own")), style="bold")
     t.add_row("NPV of costs", *(money(a["npv"][k]) for k in ("cloud", "own")))
     for unit, name in (("usd_per_million_train_tokens", "$ / M training tokens"),
@@ -113,6 +115,7 @@ def write_reports(a: dict[str, Any], tornado: list[dict[str, Any]], labels: dict
         (out_dir / name).write_bytes(data)
     rows = [("up front" if y == 0 else f"year {y}", a["per_year"]["cloud"][y], a["per_year"]["own"][y])
             for y in range(a["years"] + 1)]
+    rows += [("resale value at the end", 0.0, -a["residual"]["own"])] if a["residual"]["own"] else []
     rows += [("total", a["totals"]["cloud"], a["totals"]["own"]), ("NPV", a["npv"]["cloud"], a["npv"]["own"])]
     md = [f"# {a['scenario']}", "", *verdict(a, labels), "", f"| | {labels['cloud']} | {labels['own']} |",
           "|---|---:|---:|", *(f"| {n} | {money(c)} | {money(o)} |" for n, c, o in rows), ""]
