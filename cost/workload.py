@@ -49,7 +49,7 @@ class Interruptions:
 
 def interruption_cost(rate_per_hour: float, checkpoint_s: float, restart_s: float) -> Interruptions:
     """Overhead = checkpoint writes (δ/τ) + half an interval lost per interruption (τ/2M) + restarts (R/M)."""
-    if rate_per_hour <= 0:
+    if rate_per_hour < 1e-9:  # fewer than one interruption in 100,000 years: none
         return Interruptions(math.inf, 0.0)
     mtbf = 3600.0 / rate_per_hour
     tau = young_daly_interval(checkpoint_s, mtbf)
