@@ -23,6 +23,7 @@ class RunResult:
     changed: int
     failures: int
     stats: dict[str, Any]
+    output: str = ""
 
 
 def configure(inventory: Path, playbook: str = "site.yml", check: bool = False, limit: str | None = None,
@@ -46,7 +47,9 @@ def configure(inventory: Path, playbook: str = "site.yml", check: bool = False, 
                      "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "ANSIBLE_NOCOLOR": "1"},
         )
         stats = run.stats or {}
+        output = run.stdout.read() if run.stdout else ""
         return RunResult(run.status, run.rc, sum((stats.get("changed") or {}).values()),
-                         sum((stats.get("failures") or {}).values()) + sum((stats.get("dark") or {}).values()), stats)
+                         sum((stats.get("failures") or {}).values()) + sum((stats.get("dark") or {}).values()), stats,
+                         output)
     finally:
         shutil.rmtree(private, ignore_errors=True)
