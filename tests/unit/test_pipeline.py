@@ -39,7 +39,7 @@ def corpus(tmp_path: Path) -> Path:
     near = prose(4).split(" ")
     near[10] = "changed"
     (root / "docs" / "near-note04.txt").write_text(" ".join(near))  # near duplicate
-    (root / "docs" / "contact.txt").write_text(prose(50) + "\nMail ops@example.com or call +1 415-555-0132.")
+    (root / "docs" / "contact.txt").write_text("Mail ops@example.com or call +1 415-555-0132.\n" + prose(50))
     (root / "docs" / "tiny.txt").write_text("too short")
     with open(root / "records.jsonl", "w") as fh:
         for i in range(20, 26):
