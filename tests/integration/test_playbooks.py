@@ -58,7 +58,7 @@ def test_preempted_job_gets_its_signal_and_is_requeued(slurm_cluster, tmp_path: 
     marker = tmp_path / "signalled"
     script = tmp_path / "low.sh"
     script.write_text(f"""#!/bin/bash
-trap 'echo USR2 >> {marker}; exit 0' USR2
+trap 'echo USR2 >> {marker}' USR2  # checkpoint here; Slurm requeues after GraceTime
 for i in $(seq 600); do sleep 0.2; done
 """)
     low = sbatch("-p", "batch", "-c", "2", "--requeue", "--signal=B:USR2@60", "-o", "/dev/null", str(script))
