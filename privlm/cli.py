@@ -39,6 +39,16 @@ def demo(steps: int | None = typer.Option(None, help="override the pretraining s
     sys.exit(run_demo(pretrain_steps=steps, keep_serving=keep_serving))
 
 
+@app.command("doctor")
+def doctor() -> None:
+    """Check this machine for each station: what is missing, and the fix. Exit 0 when the demo can run."""
+    import sys
+
+    from privlm.doctor import run_doctor
+
+    sys.exit(run_doctor())
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
