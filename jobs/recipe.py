@@ -234,12 +234,25 @@ class DeepSpeedConfig(Strict):
 
 
 class CheckpointConfig(Strict):
-    """When and where checkpoints go; `interval: auto` is resolved by the job runner."""
+    """When and where checkpoints go. `interval: auto` picks the Young/Daly interval from the measured
+    write time and `interruptions_per_hour`."""
 
     interval: PosInt | Literal["auto"] = 100
     keep: PosInt = 3
     directory: str = "runs/{name}/checkpoints"
     verify_checksums: bool = True
+    interruptions_per_hour: float = Field(0.1, gt=0, description="expected preemptions, for interval: auto")
+    s3_uri: str | None = Field(None, pattern=r"^s3://[a-z0-9.-]+(/.*)?$", description="also sync checkpoints here")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, tests); None for AWS")
+
+
+class SpotConfig(Strict):
+    """Watch the EC2 metadata service for spot interruption and rebalance notices."""
+
+    watch: bool = False
+    metadata_url: str = "http://169.254.169.254"
+    poll_s: float = Field(5.0, gt=0)
+    include_rebalance: bool = True
 
 
 class LoRAConfig(Strict):
@@ -290,6 +303,7 @@ class Recipe(Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     finetune: FinetuneConfig | None = None
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    spot: SpotConfig = Field(default_factory=SpotConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:

@@ -61,6 +61,7 @@ def train(recipe: Recipe) -> int:
                                      checksums=recipe.checkpoint.verify_checksums,
                                      exclude_frozen=_is_lora(recipe))
     step, tokens_seen = 0, 0
+    sync = _restore_and_sync(recipe, rank)
     t_load = time.perf_counter()
     try:
         resumed = manager.load(engine, _data_fingerprint(recipe))
@@ -75,7 +76,9 @@ def train(recipe: Recipe) -> int:
     if step >= t.total_steps and _already_exported(recipe, step):
         log(f"already trained to step {step}; model in {recipe.run_path / 'model'} (nothing to do)")
         return 0
-    interval = _checkpoint_interval(recipe)
+    interval, interval_is_provisional = _checkpoint_interval(recipe), recipe.checkpoint.interval == "auto"
+    watcher = _spot_watcher(recipe, rank, stop)
+    step_started = time.perf_counter()
 
     from jobs.train.model import flops_per_token
 
@@ -105,6 +108,7 @@ def train(recipe: Recipe) -> int:
             loss_sum += loss.item()
             loss_count += 1
         step += 1
+        step_seconds, step_started = time.perf_counter() - step_started, time.perf_counter()
         tokens_seen += t.tokens_per_step
         meter.add(t.tokens_per_step)
         progress.advance(step)
@@ -126,6 +130,13 @@ def train(recipe: Recipe) -> int:
                            "bytes": manager.last_save_bytes})
             if tracker is not None:
                 tracker.checkpoint(step, recipe.checkpoint_path / ckpt.tag_for(step), manager.last_save_bytes)
+            if sync is not None:
+                sync.submit(recipe.checkpoint_path / ckpt.tag_for(step))
+            if recipe.checkpoint.interval == "auto" and interval_is_provisional:
+                # every rank must pick the same interval: agree on the slowest write and step
+                interval = _young_daly_steps(recipe, all_reduce_max(manager.last_save_seconds),
+                                             all_reduce_max(step_seconds), log)
+                interval_is_provisional = False
             log(f"checkpoint step {step} published in {manager.last_save_seconds:.2f}s "
                 f"({manager.last_save_bytes / 1e6:.1f} MB)")
         if signum:
@@ -133,9 +144,11 @@ def train(recipe: Recipe) -> int:
             progress.stop()
             metrics.write({"event": "stopped", "step": step, "signal": signum})
             metrics.close("KILLED", {"step": step})
+            _finish_background(sync, watcher)
             return 128 + signum
 
     progress.stop()
+    _finish_background(sync, watcher)
     eval_loss = _evaluate(recipe, engine, rank)
     _export(recipe, engine, rank, step, tokens_seen, eval_loss)
     summary = {"event": "finished", "step": step, "tokens": tokens_seen, "eval_loss": eval_loss,
@@ -254,10 +267,59 @@ def _initialize(recipe: Recipe, rank: RankInfo, model: Any) -> Any:
 
 
 def _checkpoint_interval(recipe: Recipe) -> int:
+    """The fixed interval, or for `auto` a provisional first one that measures the write time."""
     interval = recipe.checkpoint.interval
-    if interval == "auto":  # resolved by the job runner from measured write time; a safe default here
-        return max(1, recipe.training.total_steps // 10)
+    if interval == "auto":
+        return max(1, min(10, recipe.training.total_steps // 10))
     return interval
+
+
+def _young_daly_steps(recipe: Recipe, write_s: float, step_s: float, log: Any) -> int:
+    """Young/Daly: checkpoint every sqrt(2·δ·MTBF) seconds, in steps; logged with its inputs."""
+    from cost.workload import young_daly_interval
+
+    mtbf = 3600.0 / recipe.checkpoint.interruptions_per_hour
+    tau = young_daly_interval(write_s, mtbf)
+    steps = max(1, round(tau / max(step_s, 1e-6)))
+    log(f"checkpoint interval auto: {steps} steps = sqrt(2 x {write_s:.2f}s write x {mtbf:.0f}s MTBF) = "
+        f"{tau:.0f}s at {step_s:.2f}s/step ({recipe.checkpoint.interruptions_per_hour}/h interruptions)")
+    return steps
+
+
+def _restore_and_sync(recipe: Recipe, rank: RankInfo) -> Any:
+    """With checkpoint.s3_uri: restore from S3 when the local copy is missing; rank 0 syncs new ones."""
+    uri = recipe.checkpoint.s3_uri
+    if uri is None:
+        return None
+    from jobs.launch.storage import CheckpointSync, restore_latest, s3_client
+    from jobs.train.distributed import barrier
+
+    if rank.is_main and ckpt.find_latest(recipe.checkpoint_path) is None:
+        restored = restore_latest(recipe.checkpoint_path, uri, s3_client(recipe.checkpoint.s3_endpoint_url))
+        if restored is not None:
+            print(f"[privlm] restored {restored.name} from {uri}", flush=True)
+    barrier()
+    return CheckpointSync(uri, recipe.checkpoint.s3_endpoint_url) if rank.is_main else None
+
+
+def _spot_watcher(recipe: Recipe, rank: RankInfo, stop: StopRequest) -> Any:
+    """One watcher per node: a spot notice becomes a SIGUSR2-like stop request (checkpoint, exit, requeue)."""
+    if not recipe.spot.watch or rank.local_rank != 0:
+        return None
+    from jobs.launch.spot import SpotWatcher
+
+    def on_notice(notice: Any) -> None:
+        print(f"[privlm] spot {notice.kind} notice {notice.detail}: checkpointing and stopping", flush=True)
+        stop.signum = signal.SIGUSR2
+
+    return SpotWatcher(on_notice, recipe.spot.metadata_url, recipe.spot.poll_s, recipe.spot.include_rebalance).start()
+
+
+def _finish_background(sync: Any, watcher: Any) -> None:
+    if watcher is not None:
+        watcher.stop()
+    if sync is not None:
+        sync.close()
 
 
 def _to_device(blocks: np.ndarray, rank: RankInfo) -> Any:

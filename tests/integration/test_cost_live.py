@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,33 +15,10 @@ from tests.helpers import REPO
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def moto_ec2(monkeypatch: pytest.MonkeyPatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.2)
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    yield url
-    proc.terminate()
-    proc.wait(10)
-
-
-def test_live_spot_price_plumbing(moto_ec2: str) -> None:
+def test_live_spot_price_plumbing(moto_server: str) -> None:
     from cost.prices import live_spot_price
 
-    price = live_spot_price("p5.48xlarge", "us-east-1", endpoint_url=moto_ec2)
+    price = live_spot_price("p5.48xlarge", "us-east-1", endpoint_url=moto_server)
     assert price is not None and price >= 0  # moto serves placeholder prices: the plumbing, not the number
 
 
