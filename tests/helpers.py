@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -95,3 +99,46 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float =
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else proc.returncode
         time.sleep(0.02)
     raise TimeoutError(f"step {step} not reached")
+
+
+def start_run(recipe: Path) -> subprocess.Popen:
+    """`privlm train run RECIPE` in the background, in its own session (so a test can kill the whole job)."""
+    return subprocess.Popen([*PRIVLM, "train", "run", str(recipe)], cwd=REPO, env=run_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+class FakeIMDS(BaseHTTPRequestHandler):
+    notices: ClassVar[dict[str, dict]] = {}
+    token = "tok-123"
+
+    def do_PUT(self) -> None:
+        ok = self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
+        self._send(200 if ok else 400, self.token if ok else "")
+
+    def do_GET(self) -> None:
+        if self.headers.get("X-aws-ec2-metadata-token") != self.token:
+            return self._send(401, "")
+        path = self.path.removeprefix("/latest/meta-data/")
+        if path in self.notices:
+            return self._send(200, json.dumps(self.notices[path]))
+        return self._send(404, "")
+
+    def _send(self, code: int, body: str) -> None:
+        self.send_response(code)
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def fake_imds() -> Iterator[str]:
+    """An EC2 instance metadata service (IMDSv2) on loopback; set FakeIMDS.notices to serve notices."""
+    FakeIMDS.notices = {}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeIMDS)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()

@@ -6,15 +6,11 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import threading
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import SMALL, merge, privlm, read_losses, wait_for_step, write_recipe
-from tests.integration.test_training import start_run
-from tests.unit.test_spot import FakeIMDS
+from tests.helpers import SMALL, FakeIMDS, fake_imds, merge, privlm, read_losses, start_run, wait_for_step, write_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -47,21 +43,14 @@ def test_checkpoints_sync_to_s3_and_a_job_resumes_from_there(tmp_path: Path, sma
 
 
 def test_spot_notice_checkpoints_and_stops_with_auto_interval(tmp_path: Path, small_data: Path) -> None:
-    FakeIMDS.notices = {}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeIMDS)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        recipe = recipe_for(tmp_path, small_data, "spot",
-                            spot={"watch": True, "metadata_url": f"http://127.0.0.1:{server.server_port}",
-                                  "poll_s": 0.1},
+    with fake_imds() as url:
+        recipe = recipe_for(tmp_path, small_data, "spot", spot={"watch": True, "metadata_url": url, "poll_s": 0.1},
                             checkpoint={"interval": "auto", "interruptions_per_hour": 120},
                             training={"max_steps": 400})
         proc = start_run(recipe)
         wait_for_step(tmp_path / "spot", 15, proc)
         FakeIMDS.notices["spot/instance-action"] = {"action": "terminate", "time": "2026-11-22T12:02:00Z"}
         out, _ = proc.communicate(timeout=120)
-    finally:
-        server.shutdown()
     assert proc.returncode == 128 + signal.SIGUSR2, out[-2000:]
     assert "spot instance-action notice" in out and "checkpoint interval auto:" in out and "MTBF" in out
     stopped = max(read_losses(tmp_path / "spot"))

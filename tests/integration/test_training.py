@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import PRIVLM, REPO, SMALL, merge, privlm, read_losses, run_env, wait_for_step, write_recipe
+from tests.helpers import SMALL, merge, privlm, read_losses, run_env, start_run, wait_for_step, write_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -88,11 +87,6 @@ def test_kill_during_checkpoint_write_resumes_bitwise(tmp_path: Path, small_data
     assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
     assert not (ckpt / ".staging" / "step-00000008").exists()
     assert_same_as_reference(tmp_path / "crash", reference_run)
-
-
-def start_run(recipe: Path) -> subprocess.Popen:
-    return subprocess.Popen([*PRIVLM, "train", "run", str(recipe)], cwd=REPO, env=run_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def test_sigkill_of_the_whole_job_resumes_bitwise(tmp_path: Path, small_data: Path, reference_run) -> None:

@@ -2,49 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import ClassVar
 
 import pytest
 
 from jobs.launch.spot import Notice, SpotWatcher
-
-
-class FakeIMDS(BaseHTTPRequestHandler):
-    notices: ClassVar[dict[str, dict]] = {}
-    token = "tok-123"
-
-    def do_PUT(self) -> None:
-        ok = self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
-        self._send(200 if ok else 400, self.token if ok else "")
-
-    def do_GET(self) -> None:
-        if self.headers.get("X-aws-ec2-metadata-token") != self.token:
-            return self._send(401, "")
-        path = self.path.removeprefix("/latest/meta-data/")
-        if path in self.notices:
-            return self._send(200, json.dumps(self.notices[path]))
-        return self._send(404, "")
-
-    def _send(self, code: int, body: str) -> None:
-        self.send_response(code)
-        self.end_headers()
-        self.wfile.write(body.encode())
-
-    def log_message(self, *args: object) -> None:
-        pass
+from tests.helpers import FakeIMDS, fake_imds
 
 
 @pytest.fixture
 def imds() -> Iterator[tuple[str, type[FakeIMDS]]]:
-    FakeIMDS.notices = {}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeIMDS)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}", FakeIMDS
-    server.shutdown()
+    with fake_imds() as url:
+        yield url, FakeIMDS
 
 
 def test_no_notice_then_instance_action(imds) -> None:
