@@ -241,12 +241,12 @@ class RunTracker:
         self.outbox.put("tags", data={"privlm.checkpoint.latest": json.dumps(pointer),
                                       f"privlm.checkpoint.{path.name}": json.dumps(pointer)})
 
-    def finish(self, status: str, summary: dict[str, Any]) -> bool:
+    def finish(self, status: str, summary: dict[str, Any], timeout_s: float = 30.0) -> bool:
         """Record the outcome and flush; False when the server is still unreachable (the outbox keeps it)."""
         values = {k: v for k, v in summary.items() if isinstance(v, int | float) and v is not None}
         self.outbox.put("metrics", step=int(summary.get("step", 0)), data=values)
         self.outbox.put("status", status=status)
-        return self.outbox.close()
+        return self.outbox.close(timeout_s)
 
     @property
     def run_id(self) -> str | None:

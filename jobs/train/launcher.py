@@ -28,6 +28,7 @@ from jobs.recipe import Recipe, dump_recipe
 from jobs.train.distributed import accelerator_env, has_cuda, rank_env_present
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+STOPPED = tuple(128 + s for s in FORWARDED)
 
 
 def free_port() -> int:
@@ -130,7 +131,8 @@ def supervise(procs: list[subprocess.Popen], grace_s: float) -> int:
     try:
         while any(p.poll() is None for p in procs):
             codes = [p.poll() for p in procs]
-            if failed_at is None and any(c not in (None, 0) for c in codes) and not received:
+            # 128+signal is a rank that checkpointed and stopped (its peers stop at the same step): not a failure
+            if failed_at is None and any(c not in (None, 0, *STOPPED) for c in codes) and not received:
                 failed_at = time.monotonic()
                 bad = [i for i, c in enumerate(codes) if c not in (None, 0)]
                 print(f"[privlm] rank(s) {bad} exited with {[codes[i] for i in bad]}; stopping the others",

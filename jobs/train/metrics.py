@@ -114,7 +114,9 @@ class MetricsWriter:
         if not self.enabled:
             return
         self._fh.close()
-        if self.tracker is not None and not self.tracker.finish(status, summary or {}):
+        # A stopping job has a deadline (preemption, spot): the outbox keeps what is not delivered in 5 s.
+        timeout_s = 5.0 if status == "KILLED" else 30.0
+        if self.tracker is not None and not self.tracker.finish(status, summary or {}, timeout_s):
             why = self.tracker.outbox.last_error or "delivery still in progress"
             print(f"[privlm] MLflow not reached ({why}); metrics kept in "
                   f"{self.tracker.outbox.path}, delivered by the next run or `privlm model sync`", flush=True)
