@@ -137,3 +137,17 @@ def test_cost_cli_imports_no_torch_ray_or_pulumi() -> None:
             f"r = CliRunner().invoke(app, ['cost', 'report', '{GUIDE}']); assert r.exit_code == 0, r.output; "
             "bad = [m for m in ('torch', 'ray', 'pulumi_aws') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_compare_gives_json_for_tools() -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from privlm.cli import app
+
+    result = CliRunner().invoke(app, ["cost", "compare", str(GUIDE), str(H100), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [r["scenario"] for r in rows] == ["guide-example", "h100-buy-vs-p5-rent"]
+    assert rows[0]["totals"] == {"cloud": 360_000.0, "own": 415_000.0}
