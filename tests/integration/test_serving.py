@@ -61,7 +61,7 @@ def endpoint(ray_serve, small_data: Path, tmp_path_factory: pytest.TempPathFacto
     tmp = tmp_path_factory.mktemp("serve")
     model = save_model(tmp / "tiny" / "model", small_data, seed=1)
     audit = tmp / "audit.jsonl"
-    deploy(model_uri=str(model), quantization="int8-dynamic", max_ongoing_requests=4, max_queued_requests=4,
+    deploy(model_uri=str(model), quantization="int8-dynamic", max_ongoing_requests=4, max_queued_requests=8,
            block_list=["forbiddenword"], audit_log=str(audit), limits={"max_tokens": 64})
     return {"name": "tiny", "audit": audit, "model": model}
 
@@ -126,8 +126,8 @@ def test_good_requests_batched_with_a_bad_one_all_succeed(endpoint) -> None:
 
 def test_overload_gets_503_with_retry_after_and_recovers(endpoint) -> None:
     body = {"model": "tiny", "prompt": "class A", "max_tokens": 64, "temperature": 1.0}
-    with ThreadPoolExecutor(24) as pool:
-        responses = list(pool.map(lambda _: post("/v1/completions", body), range(24)))
+    with ThreadPoolExecutor(40) as pool:  # capacity is 4 generating + 8 queued
+        responses = list(pool.map(lambda _: post("/v1/completions", body), range(40)))
     codes = [r.status_code for r in responses]
     assert 503 in codes and 200 in codes and set(codes) <= {200, 503}
     busy = next(r for r in responses if r.status_code == 503)
