@@ -21,8 +21,8 @@ import pytest
 from tests.integration.slurm_fixture import SlurmCluster
 
 
-def _bring_up(inventory: str) -> Iterator[SlurmCluster]:
-    cluster = SlurmCluster(inventory)
+def _bring_up(inventory: str, playbook: str) -> Iterator[SlurmCluster]:
+    cluster = SlurmCluster(inventory, playbook)
     try:
         cluster.up()
         yield cluster
@@ -33,10 +33,13 @@ def _bring_up(inventory: str) -> Iterator[SlurmCluster]:
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
     """One Slurm node on this machine (playbooks/inventories/local, SLURM_CONF=/etc/slurm/slurm.conf)."""
-    yield from _bring_up("local")
+    yield from _bring_up("local", "site.yml")
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster_2node() -> Iterator[SlurmCluster]:
-    """Two slurmd on this machine with accounting (playbooks/inventories/local-2node), beside slurm_cluster."""
-    yield from _bring_up("local-2node")
+    """Two slurmd on this machine with accounting (playbooks/inventories/local-2node), beside slurm_cluster.
+
+    Brought up with slurm.yml: site.yml's hardware roles are tested on the one-node cluster.
+    """
+    yield from _bring_up("local-2node", "slurm.yml")

@@ -94,7 +94,8 @@ class SlurmCluster:
 
     def up(self, timeout: float = 120) -> RunResult:
         """Apply the playbook, then wait until every node is idle (or busy with someone's jobs)."""
-        self._preexisting = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in DAEMON_NAMES}
+        self._preexisting = {p.pid for p in psutil.process_iter(["name", "status"])
+                             if p.info["name"] in DAEMON_NAMES and p.info["status"] != psutil.STATUS_ZOMBIE}
         result = configure(self.inventory, self.playbook, quiet=True)
         self.first_run = result
         if not result.ok:
