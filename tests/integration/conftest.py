@@ -1,0 +1,45 @@
+"""Fixtures of the integration tests: real Slurm clusters on this machine, brought up by our playbook.
+
+Use them from any test under tests/integration:
+
+    def test_my_job(slurm_cluster):
+        slurm_cluster.run("sbatch", "-p", slurm_cluster.low_partition, "--wrap", "true", check=True)
+
+Each yields a `SlurmCluster` (tests/integration/slurm_fixture.py): `slurm_conf` (export it as
+SLURM_CONF, or pass `env`), `partitions` / `low_partition` / `high_partition`, `nodes`, `name`,
+`inventory`, `first_run` (ansible-runner stats of the bring-up) and `run(*cmd)`. Both clusters can run
+at once (own configuration directories and ports); each is brought up once per session, and at the
+end every daemon it started is stopped by PID.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.slurm_fixture import SlurmCluster
+
+
+def _bring_up(inventory: str, playbook: str) -> Iterator[SlurmCluster]:
+    cluster = SlurmCluster(inventory, playbook)
+    try:
+        cluster.up()
+        yield cluster
+    finally:
+        cluster.down()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """One Slurm node on this machine (playbooks/inventories/local, SLURM_CONF=/etc/slurm/slurm.conf)."""
+    yield from _bring_up("local", "site.yml")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster_2node() -> Iterator[SlurmCluster]:
+    """Two slurmd on this machine with accounting (playbooks/inventories/local-2node), beside slurm_cluster.
+
+    Brought up with slurm.yml: site.yml's hardware roles are tested on the one-node cluster.
+    """
+    yield from _bring_up("local-2node", "slurm.yml")
