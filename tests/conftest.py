@@ -100,58 +100,6 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     server.stop()
 
 
-class SlurmCluster:
-    """A real Slurm cluster on this machine, brought up by our playbook and torn down by PID."""
-
-    def __init__(self, inventory: str) -> None:
-        self.inventory = Path(__file__).resolve().parents[1] / "playbooks" / "inventories" / inventory
-        self.slurm_conf = "/etc/slurm/slurm.conf"
-        self.partitions = {"low": "batch", "high": "urgent"}
-        self.nodes: list[str] = []
-
-    def up(self) -> Any:
-        from infra.cluster import configure
-
-        result = configure(self.inventory, "slurm.yml", quiet=True)
-        assert result.rc == 0, result.output[-4000:]
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True).stdout.split()
-            states = dict(zip(out[::2], out[1::2], strict=False))
-            if states and all(s == "idle" for s in states.values()):
-                self.nodes = sorted(states)
-                return result
-            time.sleep(1)
-        raise RuntimeError(f"Slurm nodes not idle: {states}")
-
-    def down(self) -> None:
-        """Stop every daemon the playbook started, by the PID in its file."""
-        import glob
-
-        for pidfile in ["/run/slurmctld.pid", *glob.glob("/run/slurmd-*.pid"), "/run/munge/munged.pid"]:
-            subprocess.run(["/usr/local/sbin/privlm-daemon", "stop", pidfile], capture_output=True)
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[SlurmCluster]:
-    """One Slurm node on this machine (playbooks/inventories/local), reused by every Slurm test."""
-    cluster = SlurmCluster("local")
-    cluster.up()
-    yield cluster
-    cluster.down()
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster_2node(slurm_cluster: SlurmCluster) -> Iterator[SlurmCluster]:
-    """Two slurmd on this machine (inventories/local-2node); the one-node cluster returns afterwards."""
-    slurm_cluster.down()
-    cluster = SlurmCluster("local-2node")
-    cluster.up()
-    yield cluster
-    cluster.down()
-    slurm_cluster.up()
-
-
 @pytest.fixture
 def moto_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """moto's server (S3, EC2, ...) on 127.0.0.1 with fake credentials; stopped after the test."""
