@@ -1,4 +1,4 @@
-"""`privlm cluster ...`: turn an inventory of hosts into a Slurm cluster with our playbooks."""
+"""`privlm cluster ...`: make an inventory of hosts a Slurm cluster with our playbooks, or check a node."""
 
 from __future__ import annotations
 
@@ -11,37 +11,58 @@ import typer
 cluster_app = typer.Typer(help="Ansible: make bare-metal GPU nodes a Slurm cluster (or check one).",
                           no_args_is_help=True)
 
+NODE_HEALTH = Path("/usr/local/sbin/privlm-node-health")
+
 
 @cluster_app.command("configure")
-def configure_cmd(inventory: Path = typer.Argument(..., help="inventory directory: playbooks/inventories/local"),
-                  check: bool = typer.Option(False, help="dry run (ansible --check --diff)"),
-                  playbook: str = typer.Option("site.yml", help="site.yml (everything) or slurm.yml"),
-                  limit: str = typer.Option(None, help="only these hosts (Ansible --limit)")) -> None:
+def configure_cmd(inventory: Path = typer.Argument(..., help="inventory directory, e.g. playbooks/inventories/local"),
+                  check: bool = typer.Option(False, "--check", help="dry run: report what would change"),
+                  limit: str | None = typer.Option(None, "--limit", help="only these hosts (Ansible --limit)"),
+                  tags: str | None = typer.Option(None, "--tags", help="only roles with these tags, e.g. hardware"),
+                  playbook: str = typer.Option("site.yml", help="site.yml (everything) or slurm.yml (Slurm only)"),
+                  quiet: bool = typer.Option(False, "--quiet", help="no task-by-task progress")) -> None:
     """Validate INVENTORY, then apply the playbook to its hosts; a rerun changes nothing."""
     from infra.cluster import configure
     from infra.inventory import InventoryError
 
     try:
-        result = configure(inventory, playbook, check, limit)
+        result = configure(inventory, playbook, check=check, limit=limit, tags=tags, quiet=quiet)
     except InventoryError as exc:
-        typer.secho(str(exc), fg="red", err=True)
+        typer.secho(f"refused before touching any host: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"{result.status}: {result.changed} changed, {result.failures} failed")
-    raise typer.Exit(0 if result.rc == 0 else 1)
+    raise typer.Exit(0 if result.ok else 1)
 
 
 @cluster_app.command("render")
-def render_cmd(spec: Path, out: Path = typer.Option(..., help="directory for hosts.yml")) -> None:
-    """Write the Ansible inventory for a cluster spec YAML (infra/spec.py)."""
+def render_cmd(spec_file: Path = typer.Argument(..., metavar="SPEC", help="cluster spec YAML (infra/spec.py)"),
+               out: Path = typer.Option(..., "--out", help="directory for hosts.yml")) -> None:
+    """Write the Ansible inventory of an on-prem cluster spec."""
     from infra.inventory import write_inventory
-    from infra.spec import load_spec
+    from infra.spec import OnPremSpec, SpecError, load_spec
 
-    typer.echo(write_inventory(load_spec(spec), out))
+    try:
+        spec = load_spec(spec_file)
+    except SpecError as exc:
+        typer.secho(f"{spec_file}: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    if not isinstance(spec, OnPremSpec):
+        typer.secho(f"{spec_file}: provider {spec.provider} gets its inventory from its infrastructure run", err=True)
+        raise typer.Exit(2)
+    typer.echo(write_inventory(spec, out))
 
 
 @cluster_app.command("health")
-def health_cmd() -> None:
-    """This node's health check (GPUs, fabric, mounts, disk) as JSON; exit 0 healthy, 1 degraded, 2 unusable."""
-    proc = subprocess.run(["/usr/local/sbin/privlm-node-health"], capture_output=True, text=True)
-    typer.echo(json.dumps(json.loads(proc.stdout), indent=1) if proc.stdout else proc.stderr)
+def health_cmd(program: Path = typer.Option(NODE_HEALTH, help="the check the node_health role installs")) -> None:
+    """This node's health (GPUs, fabric, mounts, disk) as JSON; exit 0 healthy, 1 degraded, 2 unusable."""
+    if not program.exists():
+        typer.secho(f"{program} is missing: apply the playbook to this node first (privlm cluster configure)",
+                    fg="red", err=True)
+        raise typer.Exit(2)
+    proc = subprocess.run([str(program)], capture_output=True, text=True)
+    try:
+        typer.echo(json.dumps(json.loads(proc.stdout), indent=1))
+    except json.JSONDecodeError:
+        typer.secho(proc.stdout + proc.stderr, err=True)
+        raise typer.Exit(2) from None
     raise typer.Exit(proc.returncode)
