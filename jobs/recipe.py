@@ -63,6 +63,8 @@ class TokenizerConfig(Strict):
     path: str | None = Field(None, description="existing tokenizer directory; None trains one")
     vocab_size: PosInt = 8192
     min_frequency: PosInt = 2
+    max_train_bytes: PosInt | None = Field(
+        None, description="train on at most this many bytes of the train split (in a fixed order); None: all")
 
     @field_validator("vocab_size")
     @classmethod
@@ -77,7 +79,9 @@ class DataSource(Strict):
 
     path: str
     format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
-    include: list[str] = Field(default_factory=lambda: ["*.txt", "*.md", "*.py"])
+    include: list[str] = Field(default_factory=lambda: ["*.txt", "*.md", "*.py", "*.jsonl", "*.jsonl.gz",
+                                                        "*.parquet"],
+                               description="globs relative to path (or file names) of the files to read")
     exclude: list[str] = Field(default_factory=list)
     text_field: str = "text"
     max_files: PosInt | None = None
@@ -138,6 +142,7 @@ class DataConfig(Strict):
     num_shards: PosInt = 4
     workers: PosInt = 2
     eval_fraction: float = Field(0.02, ge=0.0, lt=0.5)
+    output_file_mb: float = Field(256.0, gt=0, description="size of one packed .bin file before a new one starts")
     filters: FilterConfig = Field(default_factory=FilterConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     pii: PIIConfig = Field(default_factory=PIIConfig)

@@ -1,14 +1,32 @@
-"""Gopher-style quality heuristics (Rae et al. 2021, appendix A), each returning a drop reason."""
+"""Gopher-style quality heuristics (Rae et al. 2021, appendix A), each returning a drop reason or None.
+
+Words are whitespace-separated tokens, as in Gopher; for code they include operators and punctuation,
+which is why the code recipes loosen the symbol and alphabetic-word thresholds.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from jobs.recipe import FilterConfig
 
 
+@dataclass(frozen=True)
+class Doc:
+    """A text split once into what the heuristics look at."""
+
+    text: str
+    words: list[str]
+
+    @classmethod
+    def of(cls, text: str) -> Doc:
+        return cls(text, text.split())
+
+
 def mean_word_length(words: list[str]) -> float:
-    return sum(len(w) for w in words) / len(words) if words else 0.0
+    return sum(map(len, words)) / len(words) if words else 0.0
 
 
 def symbol_ratio(text: str, words: list[str]) -> float:
@@ -17,40 +35,58 @@ def symbol_ratio(text: str, words: list[str]) -> float:
 
 
 def duplicate_line_fraction(text: str) -> float:
-    """Share of non-empty lines that repeat an earlier line."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        return 0.0
-    return (len(lines) - len(set(lines))) / len(lines)
+    """Share of non-empty lines that repeat an earlier line (compared without surrounding blanks)."""
+    lines = [ln.strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln]
+    return (len(lines) - len(set(lines))) / len(lines) if lines else 0.0
 
 
 def top_ngram_fraction(words: list[str], n: int = 2) -> float:
-    """Share of characters covered by the most frequent word n-gram."""
-    if len(words) < n + 1:
+    """Share of word characters covered by the occurrences of the most frequent word n-gram."""
+    if len(words) < n:
         return 0.0
-    grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    grams = Counter(zip(*(words[i:] for i in range(n)), strict=False))
     gram, count = grams.most_common(1)[0]
-    total = sum(len(w) for w in words)
-    return count * sum(len(w) for w in gram) / max(total, 1)
+    return min(1.0, count * sum(map(len, gram)) / max(sum(map(len, words)), 1))
 
 
 def alpha_word_fraction(words: list[str]) -> float:
     """Share of words that contain at least one alphabetic character."""
-    return sum(any(c.isalpha() for c in w) for w in words) / max(len(words), 1)
+    return sum(1 for w in words if any(c.isalpha() for c in w)) / max(len(words), 1)
 
 
-def quality_reason(text: str, cfg: FilterConfig) -> str | None:
+def check_mean_word_length(doc: Doc, cfg: FilterConfig) -> str | None:
+    mwl = mean_word_length(doc.words)
+    if mwl < cfg.min_mean_word_length:
+        return "mean_word_length_low"
+    return "mean_word_length_high" if mwl > cfg.max_mean_word_length else None
+
+
+def check_symbol_ratio(doc: Doc, cfg: FilterConfig) -> str | None:
+    return "symbol_ratio" if symbol_ratio(doc.text, doc.words) > cfg.max_symbol_ratio else None
+
+
+def check_duplicate_lines(doc: Doc, cfg: FilterConfig) -> str | None:
+    return "duplicate_lines" if duplicate_line_fraction(doc.text) > cfg.max_duplicate_line_fraction else None
+
+
+def check_top_ngram(doc: Doc, cfg: FilterConfig) -> str | None:
+    return "top_ngram" if top_ngram_fraction(doc.words) > cfg.max_top_ngram_fraction else None
+
+
+def check_alpha_words(doc: Doc, cfg: FilterConfig) -> str | None:
+    return "alpha_words" if alpha_word_fraction(doc.words) < cfg.min_alpha_word_fraction else None
+
+
+CHECKS: tuple[Callable[[Doc, FilterConfig], str | None], ...] = (
+    check_mean_word_length, check_symbol_ratio, check_duplicate_lines, check_top_ngram, check_alpha_words)
+
+
+def quality_reason(text: str | Doc, cfg: FilterConfig) -> str | None:
     """The first heuristic the document fails, or None when it passes them all."""
-    words = text.split()
-    mwl = mean_word_length(words)
-    if mwl < cfg.min_mean_word_length or mwl > cfg.max_mean_word_length:
-        return "mean_word_length"
-    if symbol_ratio(text, words) > cfg.max_symbol_ratio:
-        return "symbol_ratio"
-    if duplicate_line_fraction(text) > cfg.max_duplicate_line_fraction:
-        return "duplicate_lines"
-    if top_ngram_fraction(words) > cfg.max_top_ngram_fraction:
-        return "top_ngram"
-    if alpha_word_fraction(words) < cfg.min_alpha_word_fraction:
-        return "alpha_words"
+    doc = text if isinstance(text, Doc) else Doc.of(text)
+    for check in CHECKS:
+        reason = check(doc, cfg)
+        if reason:
+            return reason
     return None

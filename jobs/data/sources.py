@@ -1,17 +1,23 @@
-"""Find raw inputs (directories of text files, JSONL, Parquet), assign them to shards, read documents."""
+"""Find raw inputs (directories of text files, JSONL, Parquet) and read them as documents.
+
+A document's id is `s<source index>/<path relative to the source>` (plus `#<record>` inside JSONL and
+Parquet files): it does not depend on where the corpus lies, so shard assignment, the eval split and the
+packing order are the same on every machine.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.recipe import DataSource
 
-TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst"}
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
 
 
 class SourceError(ValueError):
@@ -22,29 +28,42 @@ class SourceError(ValueError):
 class InputFile:
     """One file to read, with how to read it."""
 
-    path: str
+    path: str  # absolute
+    rel: str  # relative to its source's path
+    source: int  # index in data.sources
     format: str  # text | jsonl | parquet
     text_field: str
     size: int
     mtime_ns: int
 
+    @property
+    def doc_prefix(self) -> str:
+        return f"s{self.source}/{self.rel}"
+
     def shard(self, num_shards: int) -> int:
-        """Stable shard assignment by path."""
-        return int.from_bytes(hashlib.sha1(self.path.encode()).digest()[:8], "big") % num_shards
+        """Stable shard assignment by the location-independent id."""
+        return stable_hash(self.doc_prefix) % num_shards
 
 
 @dataclass(frozen=True)
 class Document:
-    """A text with a stable id (`path` or `path#record`)."""
+    """A text with a stable id and its place in the keep-first order (source, path, record)."""
 
     doc_id: str
+    order: tuple[int, str, int]
     text: str
 
 
-def _format_of(path: Path, declared: str) -> str:
+def stable_hash(text: str, salt: str = "") -> int:
+    """A 64-bit hash that is the same in every process and on every machine (unlike hash())."""
+    return int.from_bytes(hashlib.sha256(f"{salt}{text}".encode()).digest()[:8], "big")
+
+
+def format_of(path: Path, declared: str) -> str:
+    """The declared format, or one guessed from the file name."""
     if declared != "auto":
         return declared
-    if path.suffix == ".jsonl" or path.name.endswith(".jsonl.gz"):
+    if path.name.endswith(JSONL_SUFFIXES):
         return "jsonl"
     if path.suffix == ".parquet":
         return "parquet"
@@ -52,52 +71,77 @@ def _format_of(path: Path, declared: str) -> str:
 
 
 def _matches(rel: str, patterns: list[str]) -> bool:
+    """A glob matches the path relative to the source, or the file name alone."""
     name = rel.rsplit("/", 1)[-1]
-    return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in patterns)
+    return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Every file under root, without following directory symlinks."""
+    for parent, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            yield Path(parent) / name
+
+
+def discover_source(index: int, src: DataSource) -> list[InputFile]:
+    """The files of one source, sorted by relative path, after include/exclude and max_files."""
+    root = src.resolved_path()
+    where = f"data.sources[{index}].path={src.path!r}"
+    if not root.exists():
+        raise SourceError(f"{where} resolves to {root}, which does not exist; fix the path or remove the source")
+    if root.is_file():
+        candidates = [(root.name, root)]
+    else:
+        candidates = []
+        for p in _walk(root):
+            rel = p.relative_to(root).as_posix()
+            if _matches(rel, src.include) and not _matches(rel, src.exclude) and p.is_file():
+                candidates.append((rel, p))
+    candidates.sort()
+    candidates = candidates[: src.max_files] if src.max_files else candidates
+    if not candidates:
+        raise SourceError(f"{where}: no file under {root} matches include={src.include} exclude={src.exclude}; "
+                          f"fix data.sources[{index}].include")
+    out = []
+    for rel, p in candidates:
+        st = p.stat()
+        out.append(InputFile(str(p.resolve()), rel, index, format_of(p, src.format), src.text_field,
+                             st.st_size, st.st_mtime_ns))
+    return out
 
 
 def discover(sources: list[DataSource]) -> list[InputFile]:
-    """Every input file of every source, sorted by path; raises SourceError for a missing source."""
-    found: dict[str, InputFile] = {}
+    """Every input file of every source, in source then path order; a file found twice is read once."""
+    seen: set[str] = set()
+    found = []
     for i, src in enumerate(sources):
-        root = src.resolved_path()
-        if not root.exists():
-            raise SourceError(f"data.sources[{i}].path={src.path!r} resolves to {root}, which does not exist; "
-                              "fix the path or remove the source")
-        if root.is_file():
-            candidates = [root]
-        else:
-            candidates = sorted(p for p in root.rglob("*") if p.is_file() and
-                                _matches(p.relative_to(root).as_posix(), src.include) and
-                                not _matches(p.relative_to(root).as_posix(), src.exclude))
-        if src.max_files:
-            candidates = candidates[: src.max_files]
-        if not candidates:
-            raise SourceError(f"data.sources[{i}]: no file under {root} matches include={src.include} "
-                              f"(exclude={src.exclude})")
-        for p in candidates:
-            st = p.stat()
-            found[str(p)] = InputFile(str(p), _format_of(p, src.format), src.text_field, st.st_size, st.st_mtime_ns)
-    return [found[k] for k in sorted(found)]
+        for item in discover_source(i, src):
+            if item.path not in seen:
+                seen.add(item.path)
+                found.append(item)
+    return found
 
 
 def read_documents(item: InputFile) -> Iterator[Document]:
     """The documents in one input file."""
-    path = Path(item.path)
     if item.format == "text":
-        yield Document(item.path, path.read_text(encoding="utf-8", errors="replace"))
+        text = Path(item.path).read_bytes().decode("utf-8", errors="replace")
+        yield Document(item.doc_prefix, (item.source, item.rel, 0), text)
     elif item.format == "jsonl":
         yield from _read_jsonl(item)
     elif item.format == "parquet":
         yield from _read_parquet(item)
     else:
-        raise SourceError(f"{item.path}: unknown format {item.format!r} (use auto, text, jsonl or parquet)")
+        raise SourceError(f"data.sources[{item.source}].format={item.format!r} is unknown; "
+                          "use auto, text, jsonl or parquet")
 
 
 def _read_jsonl(item: InputFile) -> Iterator[Document]:
     import gzip
 
     opener = gzip.open if item.path.endswith(".gz") else open
+    where = f"data.sources[{item.source}]: {item.path}"
     with opener(item.path, "rt", encoding="utf-8", errors="replace") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
@@ -105,24 +149,26 @@ def _read_jsonl(item: InputFile) -> Iterator[Document]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise SourceError(f"{item.path}:{n} is not valid JSON ({exc.msg})") from None
+                raise SourceError(f"{where}, line {n} is not valid JSON ({exc.msg})") from None
             text = record.get(item.text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
-                raise SourceError(f"{item.path}:{n} has no string field {item.text_field!r}; set "
-                                  "data.sources[].text_field to the field holding the text")
-            yield Document(f"{item.path}#{n}", text)
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise SourceError(f"{where}, line {n} has no string field {item.text_field!r} (it has {keys}); "
+                                  f"set data.sources[{item.source}].text_field to the field holding the text")
+            yield Document(f"{item.doc_prefix}#{n}", (item.source, item.rel, n), text)
 
 
 def _read_parquet(item: InputFile) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     table = pq.ParquetFile(item.path)
-    if item.text_field not in table.schema_arrow.names:
-        raise SourceError(f"{item.path} has no column {item.text_field!r} (columns: {table.schema_arrow.names}); "
-                          "set data.sources[].text_field")
+    names = table.schema_arrow.names
+    if item.text_field not in names:
+        raise SourceError(f"data.sources[{item.source}]: {item.path} has no column {item.text_field!r} "
+                          f"(columns: {names}); set data.sources[{item.source}].text_field")
     row = 0
     for batch in table.iter_batches(columns=[item.text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
             row += 1
-            if isinstance(text, str):
-                yield Document(f"{item.path}#{row}", text)
+            yield Document(f"{item.doc_prefix}#{row}", (item.source, item.rel, row), text if isinstance(text, str)
+                           else "")

@@ -1,0 +1,115 @@
+"""What each stage kept and dropped: `report.json` beside the shards and a rich table at the end of a run."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from jobs.data.shard import STAGES
+
+LENGTH_REASONS = ("too_few_chars", "too_many_chars", "too_few_words", "too_many_words")
+
+
+def stage_of(reason: str) -> str:
+    """The stage that drops documents for `reason`."""
+    if reason == "binary":
+        return "normalise"
+    return "length filter" if reason in LENGTH_REASONS else "quality filter"
+
+
+def _sum_shards(shard_stats: list[dict[str, Any]]) -> dict[str, Any]:
+    kept = {stage: [0, 0] for stage in STAGES}
+    dropped: dict[str, list[int]] = {}
+    pii: Counter[str] = Counter()
+    for st in shard_stats:
+        for stage, (docs, size) in st["kept"].items():
+            kept[stage][0] += docs
+            kept[stage][1] += size
+        for reason, (docs, size) in st["dropped"].items():
+            row = dropped.setdefault(reason, [0, 0])
+            row[0] += docs
+            row[1] += size
+        pii.update(st["pii"])
+    return {"kept": kept, "dropped": dropped, "pii": pii, "pii_docs": sum(st["pii_docs"] for st in shard_stats),
+            "files": sum(st["files"] for st in shard_stats), "file_bytes": sum(st["file_bytes"] for st in shard_stats)}
+
+
+def _stage_rows(total: dict[str, Any], dedup: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    previous = None
+    for stage in STAGES:
+        docs, size = total["kept"][stage]
+        dropped_bytes = sum(b for r, (_, b) in total["dropped"].items() if stage_of(r) == stage)
+        rows.append({"stage": stage, "docs": docs, "bytes": size,
+                     "dropped_docs": previous - docs if previous is not None else 0, "dropped_bytes": dropped_bytes})
+        previous = docs
+    docs, size = rows[-1]["docs"], rows[-1]["bytes"]
+    for stage, key in (("exact dedup", "exact"), ("near dedup", "near")):
+        docs, size = docs - dedup[key]["docs"], size - dedup[key]["bytes"]
+        rows.append({"stage": stage, "docs": docs, "bytes": size, "dropped_docs": dedup[key]["docs"],
+                     "dropped_bytes": dedup[key]["bytes"]})
+    return rows
+
+
+def build_report(recipe_name: str, shard_stats: list[dict[str, Any]], dedup: dict[str, Any],
+                 tokenizer: dict[str, Any], packed: dict[str, Any], seconds: dict[str, float],
+                 block_size: int) -> dict[str, Any]:
+    """Documents and bytes per stage, drop reasons, PII, dedup, tokens and blocks per split, throughput."""
+    total = _sum_shards(shard_stats)
+    wall = sum(seconds.values())
+    return {
+        "recipe": recipe_name,
+        "input_files": total["files"], "input_bytes": total["file_bytes"],
+        "seconds": wall, "stage_seconds": seconds, "mb_per_s": total["file_bytes"] / 1e6 / max(wall, 1e-9),
+        "stages": _stage_rows(total, dedup),
+        "drop_reasons": {r: {"stage": stage_of(r), "docs": d, "bytes": b}
+                         for r, (d, b) in sorted(total["dropped"].items())},
+        "pii_redactions": dict(sorted(total["pii"].items())), "pii_docs": total["pii_docs"],
+        "dedup": dedup, "tokenizer": tokenizer, "block_size": block_size, "splits": packed["splits"],
+        "eval_topped_up_docs": packed["eval_topped_up_docs"],
+    }
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.2f}"
+
+
+def print_report(report: dict[str, Any], out: str, console: Any = None) -> None:
+    """The report as two rich tables (stages, splits), the reasons behind the drops, and the throughput."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    stages = Table(title=f"data prepared: {out}", title_justify="left")
+    for col in ("stage", "docs", "MB", "dropped docs", "dropped MB"):
+        stages.add_column(col, justify="left" if col == "stage" else "right")
+    for row in report["stages"]:
+        stages.add_row(row["stage"], f"{row['docs']:,}", _mb(row["bytes"]), f"{row['dropped_docs']:,}",
+                       _mb(row["dropped_bytes"]))
+    splits = Table(title=f"packed into blocks of {report['block_size']} tokens", title_justify="left")
+    for col in ("split", "docs", "MB", "tokens", "blocks", "files", "tokens dropped"):
+        splits.add_column(col, justify="left" if col == "split" else "right")
+    for name, s in report["splits"].items():
+        splits.add_row(name, f"{s['docs']:,}", _mb(s["bytes"]), f"{s['tokens']:,}", f"{s['blocks']:,}",
+                       str(s["files"]), f"{s['tokens_dropped']:,}")
+    console.print(stages)
+    for line in _reason_lines(report):
+        console.print(line, highlight=False)
+    console.print(splits)
+    tok = report["tokenizer"]
+    console.print(f"tokenizer: {tok['source']}, {tok['vocab_size']:,} tokens; "
+                  f"{report['input_bytes'] / 1e6:,.1f} MB in {report['seconds']:.1f}s "
+                  f"({report['mb_per_s']:.2f} MB/s)", highlight=False)
+
+
+def _reason_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for stage in ("normalise", "length filter", "quality filter"):
+        reasons = [f"{r} {v['docs']:,}" for r, v in report["drop_reasons"].items() if v["stage"] == stage]
+        if reasons:
+            lines.append(f"  {stage} dropped: " + ", ".join(reasons))
+    pii = ", ".join(f"{k} {v:,}" for k, v in report["pii_redactions"].items()) or "nothing"
+    lines.append(f"  PII redacted: {pii} (in {report['pii_docs']:,} documents)")
+    if report["eval_topped_up_docs"]:
+        lines.append(f"  eval split topped up with {report['eval_topped_up_docs']} documents to fill one block")
+    return lines
