@@ -2,6 +2,8 @@
 # System packages the stations need on a Debian machine; a rerun installs nothing new.
 set -euo pipefail
 packages=(procps chromium fonts-dejavu-core)  # chromium renders the HTML cost report headless in the tests
+# python3-apt: Ansible's apt module needs it (also in --check runs); the playbook installs Slurm, munge and MariaDB
+packages+=(python3-apt)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
