@@ -33,6 +33,11 @@ def _sha(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def settings_hash(recipe: Recipe) -> str:
+    """Hash of `settings(recipe)`: a work directory planned under other settings must not be reused."""
+    return _sha(settings(recipe))
+
+
 def tokenizer_source_hash(recipe: Recipe) -> str | None:
     """Content hash of an existing tokenizer's files (tokenizer.path), so replacing it invalidates the output."""
     if not recipe.tokenizer.path:
@@ -63,7 +68,7 @@ def input_summary(recipe: Recipe, inputs: list[InputFile]) -> dict[str, Any]:
 
 def fingerprint(recipe: Recipe, inputs: list[InputFile]) -> dict[str, str | None]:
     """The inputs', the settings' and the tokenizer source's hashes, and one over all three."""
-    parts = {"inputs": input_summary(recipe, inputs)["fingerprint"], "settings": _sha(settings(recipe)),
+    parts = {"inputs": input_summary(recipe, inputs)["fingerprint"], "settings": settings_hash(recipe),
              "tokenizer_source": tokenizer_source_hash(recipe)}
     return {**parts, "fingerprint": _sha(parts)[:24]}
 

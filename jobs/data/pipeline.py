@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.data.manifest import MANIFEST, REPORT, _sha, current_manifest, fingerprint, settings
+from jobs.data.manifest import MANIFEST, REPORT, current_manifest, fingerprint, settings_hash
 from jobs.data.progress import Stages, run_parallel, stage_bars
 from jobs.data.shard import as_recipe, check_plan, process_shard, shard_dir, tokenize_shard
 from jobs.data.sources import InputFile, discover
@@ -102,7 +102,7 @@ def plan_shards(recipe: Recipe, force: bool = False) -> Plan:
     for i, items in enumerate(shards):
         shard_dir(work, i).mkdir(parents=True, exist_ok=True)
         (shard_dir(work, i) / "inputs.json").write_text(json.dumps([asdict(x) for x in items]))
-    plan = {"fingerprint": fps["fingerprint"], "settings": _sha(settings(recipe)), "num_shards": n,
+    plan = {"fingerprint": fps["fingerprint"], "settings": settings_hash(recipe), "num_shards": n,
             "input_bytes": total, "recipe": recipe.model_dump(mode="json")}
     atomic_write_text(plan_file, json.dumps(plan, indent=1))
     return Plan(work, fps, n, total, current=False)
@@ -131,18 +131,23 @@ def finalize(recipe: Recipe | str | Path, work_dir: str | Path, bars: Stages | N
     kept = sum(s["kept"]["pii redaction"][0] for s in stats)
 
     t = time.perf_counter()
-    dedup = deduplicate(recipe, work_dir, bars.stage("deduplicate", kept, "docs"))
+    bar = bars.stage("deduplicate", kept, "docs")
+    dedup = deduplicate(recipe, work_dir, bar)
+    bar.done()
     seconds["dedup"], t = time.perf_counter() - t, time.perf_counter()
     if dedup["train"]["docs"] + dedup["eval"]["docs"] == 0:
         raise ValueError("every document was filtered out; loosen data.filters or check data.sources "
                          f"(drop reasons per shard in {work_dir}/shard-*/clean/stats.json)")
     train_docs = dedup["train"]["docs"] if not recipe.tokenizer.path else 0
-    tokenizer = build_tokenizer(recipe, work_dir, bars.stage("tokenizer", train_docs, "docs"))
+    bar = bars.stage("train tokenizer" if train_docs else "copy tokenizer", train_docs, "docs")
+    tokenizer = build_tokenizer(recipe, work_dir, bar)
+    bar.done()
     seconds["tokenizer"], t = time.perf_counter() - t, time.perf_counter()
     kept_bytes = dedup["train"]["bytes"] + dedup["eval"]["bytes"]
     bar = bars.stage("tokenize", kept_bytes, "bytes")
     for s in range(plan["num_shards"]):  # the tokenizer's own threads use every core
         tokenize_shard(recipe, s, work_dir, progress=bar)
+    bar.done()
     seconds["tokenize"] = time.perf_counter() - t
     report = _pack_and_publish(recipe, work_dir, plan, stats, dedup, tokenizer, bars, seconds)
     shutil.rmtree(work_dir, ignore_errors=True)
@@ -164,7 +169,9 @@ def _pack_and_publish(recipe: Recipe, work_dir: Path, plan: dict[str, Any], stat
     tmp.mkdir(parents=True)
     try:
         kept = dedup["train"]["docs"] + dedup["eval"]["docs"]
-        packed = pack(recipe, work_dir, tmp, tokenizer, bars.stage("pack", kept, "docs"))
+        bar = bars.stage("pack", kept, "docs")
+        packed = pack(recipe, work_dir, tmp, tokenizer, bar)
+        bar.done()
         shutil.copytree(work_dir / "tokenizer", tmp / "tokenizer")
         index = write_index(tmp, packed["dtype"], recipe.training.sequence_length, tokenizer["vocab_size"],
                             tokenizer["eos_id"], packed["index"])
@@ -198,8 +205,9 @@ def prepare_data(recipe: Recipe, force: bool = False, console: Any = None, progr
         return PrepareResult(out, skipped=True, fingerprint=plan.fingerprint, report=report)
     with stage_bars(console, progress) as bars:
         jobs = [(recipe, s, plan.work_dir) for s in range(plan.num_shards)]
-        run_parallel(process_shard, jobs, recipe.data.workers, bars.stage("clean, filter, redact",
-                                                                          plan.input_bytes, "bytes"))
+        bar = bars.stage("clean, filter, redact", plan.input_bytes, "bytes")
+        run_parallel(process_shard, jobs, recipe.data.workers, bar)
+        bar.done()
         report = finalize(recipe, plan.work_dir, bars, {"clean": time.perf_counter() - started})
     from jobs.data.report import print_report
 

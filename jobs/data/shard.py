@@ -5,7 +5,8 @@ They talk only through files in the work directory `<data_path>.work/`:
     plan.json                        fingerprint, settings hash, shard count (from `pipeline.plan_shards`)
     shard-00003/inputs.json          the input files of shard 3 (from `pipeline.plan_shards`)
     shard-00003/clean/docs.jsonl     its documents after cleaning, filtering and redaction: {"id", "text"}
-    shard-00003/clean/meta.json      per document: id, keep-first order (source, path, record), SHA-256, bytes
+    shard-00003/clean/meta.json      per document: id, keep-first order (source, path, record), bytes, and
+                                     the SHA-256 of the text as it will be trained on (normalised, redacted)
     shard-00003/clean/minhash.npy    MinHash signatures, documents x num_perm
     shard-00003/clean/stats.json     documents and bytes per stage, drop reasons, PII counts
     shard-00003/decision.npy         from the global dedup: -2 near dup, -1 exact dup, 0 train, 1 eval
@@ -52,13 +53,13 @@ def as_recipe(recipe: Recipe | str | Path) -> Recipe:
 
 def check_plan(recipe: Recipe, work_dir: Path) -> dict[str, Any]:
     """The work directory's plan, refusing one made for other settings."""
-    from jobs.data.manifest import _sha, settings
+    from jobs.data.manifest import settings_hash
 
     plan_file = Path(work_dir) / "plan.json"
     if not plan_file.is_file():
         raise FileNotFoundError(f"{work_dir} has no plan.json; run jobs.data.pipeline.plan_shards(recipe) first")
     plan = json.loads(plan_file.read_text())
-    if plan["settings"] != _sha(settings(recipe)):
+    if plan["settings"] != settings_hash(recipe):
         raise ValueError(f"{work_dir} was planned with other data settings than recipe {recipe.name!r}; "
                          "plan it again (privlm data prepare --force)")
     return plan

@@ -265,3 +265,28 @@ def test_eval_gets_a_block_and_files_roll_over(corpus: tuple[Path, list[str]], t
     no_eval = tmp_path / "no-eval"
     prepare_data(recipe_for(corpus, no_eval, eval_fraction=0.0), progress=False)
     assert len(PackedDataset(no_eval, "eval")) == 0
+
+
+def test_cli_prepares_then_skips(corpus: tuple[Path, list[str]], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from privlm.cli import app
+
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(dump_recipe(recipe_for(corpus, tmp_path / "out")))
+    first = CliRunner().invoke(app, ["data", "prepare", str(recipe_file)])
+    assert first.exit_code == 0, first.output
+    assert "near dedup" in first.output and f"shards in {tmp_path / 'out'}" in first.output
+    second = CliRunner().invoke(app, ["data", "prepare", str(recipe_file)])
+    assert second.exit_code == 0 and "up to date" in second.output
+
+
+def test_heavy_libraries_load_only_when_used() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, jobs.cli, jobs.data.pipeline, jobs.data.pack; "
+            "print(sorted(m for m in ('transformers', 'tokenizers', 'datasketch', 'pyarrow', 'torch') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
