@@ -12,8 +12,8 @@ They talk only through files in the work directory `<data_path>.work/`:
     shard-00003/decision.npy         from the global dedup: -2 near dup, -1 exact dup, 0 train, 1 eval
     shard-00003/tokens/              token ids of the kept documents, each followed by EOS
 
-A step writes into `<name>.tmp` and renames it into place, so a directory that exists is complete: a rerun
-(or a requeued array task) skips it.
+A step writes into `<name>.tmp` and renames it into place, so a directory that exists is complete; a rerun of
+`process_shard` (a requeued array task, or `prepare` after a failure) skips a shard whose clean/ exists.
 """
 
 from __future__ import annotations
@@ -193,50 +193,68 @@ def tokenize_shard(recipe: Recipe | str | Path, shard_index: int, work_dir: str 
                    progress: Progress = None) -> dict[str, Any]:
     """Token ids of the shard's kept documents, each followed by EOS, with the work directory's tokenizer.
 
-    Writes `shard-NNNNN/tokens/` (tokens.bin in the index dtype, lengths.npy per kept document, rows.npy);
-    returns the token count. Documents are tokenized in batches of ~8 MB with the Rust tokenizer's threads
-    (one per core), so a local run calls this in its own process, one shard after the other.
+    Writes `shard-NNNNN/tokens/` (tokens.bin in the index dtype, lengths.npy and rows.npy per kept document);
+    returns the token count. Documents go to the Rust tokenizer in batches of ~8 MB, which it spreads over
+    every core: a local run calls this in its own process, one shard after the other.
     """
-    from jobs.data.pack import token_dtype
-    from jobs.data.tokenizer import encode_batch
-
-    recipe = as_recipe(recipe)
-    work_dir = Path(work_dir)
+    recipe, work_dir = as_recipe(recipe), Path(work_dir)
+    check_plan(recipe, work_dir)
     final = shard_dir(work_dir, shard_index) / "tokens"
     tmp = final.with_name("tokens.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tok = _work_tokenizer(work_dir)
+    tok = load_work_tokenizer(work_dir)
     decision = np.load(shard_dir(work_dir, shard_index) / "decision.npy")
-    dtype, eos = token_dtype(len(tok)), tok.eos_token_id
-    rows, lengths, batch = [], [], []
+    rows, lengths = [], []
     with open(tmp / "tokens.bin", "wb") as out:
-        def flush() -> None:
-            for (row, text), ids in zip(batch, encode_batch(tok, [t for _, t in batch]), strict=True):
-                np.asarray([*ids, eos], dtype=dtype).tofile(out)
-                rows.append(row)
-                lengths.append(len(ids) + 1)
-                if progress:
-                    progress(len(text.encode("utf-8")))
-            batch.clear()
-
-        size = 0
-        for row, _, text in iter_documents(work_dir, shard_index):
-            if decision[row] >= 0:
-                batch.append((row, text))
-                size += len(text)
-                if size >= 8_000_000:
-                    flush()
-                    size = 0
-        flush()
+        for batch in _kept_batches(work_dir, shard_index, decision):
+            lengths += _write_tokens(tok, [text for _, text in batch], out)
+            rows += [row for row, _ in batch]
+            if progress:
+                progress(sum(len(text.encode("utf-8")) for _, text in batch))
     np.save(tmp / "lengths.npy", np.asarray(lengths, dtype=np.int64))
     np.save(tmp / "rows.npy", np.asarray(rows, dtype=np.int64))
     _publish(tmp, final)
     return {"shard": shard_index, "tokens": int(sum(lengths))}
 
 
+def _kept_batches(work_dir: Path, shard_index: int, decision: np.ndarray,
+                  batch_chars: int = 8_000_000) -> Iterator[list[tuple[int, str]]]:
+    """(row, text) of the documents the dedup kept, in batches of about `batch_chars` characters."""
+    batch, size = [], 0
+    for row, _, text in iter_documents(work_dir, shard_index):
+        if decision[row] >= 0:
+            batch.append((row, text))
+            size += len(text)
+            if size >= batch_chars:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _write_tokens(tok: Any, texts: list[str], out: Any) -> list[int]:
+    """Append each text's ids and an EOS to `out`; return the lengths (EOS included)."""
+    from jobs.data.pack import token_dtype
+    from jobs.data.tokenizer import encode_batch
+
+    dtype, eos = token_dtype(len(tok)), tok.eos_token_id
+    lengths = []
+    for ids in encode_batch(tok, texts):
+        np.asarray([*ids, eos], dtype=dtype).tofile(out)
+        lengths.append(len(ids) + 1)
+    return lengths
+
+
+def load_work_tokenizer(work_dir: Path) -> Any:
+    """The tokenizer in `<work_dir>/tokenizer`, loaded once per version of its files."""
+    tok_file = Path(work_dir) / "tokenizer" / "tokenizer.json"
+    st = tok_file.stat()
+    return _load_tokenizer(str(tok_file.parent), st.st_mtime_ns, st.st_size)
+
+
 @functools.lru_cache(maxsize=1)
-def _work_tokenizer(work_dir: Path) -> Any:
+def _load_tokenizer(path: str, mtime_ns: int, size: int) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(Path(work_dir) / "tokenizer")
+    return AutoTokenizer.from_pretrained(path)
