@@ -102,8 +102,8 @@ def plan_shards(recipe: Recipe, force: bool = False) -> Plan:
     for i, items in enumerate(shards):
         shard_dir(work, i).mkdir(parents=True, exist_ok=True)
         (shard_dir(work, i) / "inputs.json").write_text(json.dumps([asdict(x) for x in items]))
-    plan = {"fingerprint": fps["fingerprint"], "settings": settings_hash(recipe), "num_shards": n,
-            "input_bytes": total, "recipe": recipe.model_dump(mode="json")}
+    plan = {"fingerprint": fps["fingerprint"], "fingerprints": fps, "settings": settings_hash(recipe),
+            "num_shards": n, "input_bytes": total, "recipe": recipe.model_dump(mode="json")}
     atomic_write_text(plan_file, json.dumps(plan, indent=1))
     return Plan(work, fps, n, total, current=False)
 
@@ -120,7 +120,11 @@ def _shard_stats(work_dir: Path, num_shards: int) -> list[dict[str, Any]]:
 
 def finalize(recipe: Recipe | str | Path, work_dir: str | Path, bars: Stages | None = None,
              seconds: dict[str, float] | None = None) -> dict[str, Any]:
-    """The global pass after every shard is processed: dedup, tokenizer, packing, manifest, report, publish."""
+    """The global pass once every shard is processed: dedup, tokenizer, packing, manifest, report, publish.
+
+    Reads only the work directory (and the recipe), so on a cluster it runs as its own job after the array
+    of `process_shard` tasks; the work directory is removed once the output is published.
+    """
     from jobs.data.merge import build_tokenizer, deduplicate
 
     recipe, work_dir = as_recipe(recipe), Path(work_dir)
@@ -177,9 +181,7 @@ def _pack_and_publish(recipe: Recipe, work_dir: Path, plan: dict[str, Any], stat
                             tokenizer["eos_id"], packed["index"])
         seconds["pack"] = time.perf_counter() - t
         report = build_report(recipe.name, stats, dedup, tokenizer, packed, seconds, index["block_size"])
-        inputs = _inputs(work_dir, plan["num_shards"])
-        fps = fingerprint(recipe, inputs)
-        manifest = build_manifest(recipe, inputs, fps, report, index)
+        manifest = build_manifest(recipe, _inputs(work_dir, plan["num_shards"]), plan["fingerprints"], report, index)
         atomic_write_text(tmp / REPORT, json.dumps(report, indent=1))
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
         fsync_dir(tmp)
