@@ -94,12 +94,12 @@ def print_report(report: dict[str, Any], out: str, console: Any = None) -> None:
                        str(s["files"]), f"{s['tokens_dropped']:,}")
     console.print(stages)
     for line in _reason_lines(report):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, soft_wrap=True)
     console.print(splits)
     tok = report["tokenizer"]
     console.print(f"tokenizer: {tok['source']}, {tok['vocab_size']:,} tokens; "
                   f"{report['input_bytes'] / 1e6:,.1f} MB in {report['seconds']:.1f}s "
-                  f"({report['mb_per_s']:.2f} MB/s)", highlight=False)
+                  f"({report['mb_per_s']:.2f} MB/s)", highlight=False, soft_wrap=True)
 
 
 def _reason_lines(report: dict[str, Any]) -> list[str]:
