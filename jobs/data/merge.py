@@ -148,13 +148,14 @@ def _doc_table(recipe: Recipe, work_dir: Path) -> dict[str, np.ndarray]:
 def top_up_eval(table: dict[str, np.ndarray], block_size: int, eval_fraction: float) -> int:
     """Move train documents (lowest split hash first) to eval until eval fills one block; return how many.
 
-    Only when eval_fraction > 0, and never so many that train would fall below one block.
+    Only when eval_fraction > 0, and never so many that train would fall below one block. This happens on tiny
+    corpora only; the documents moved were among the tokenizer's training texts.
     """
+    if eval_fraction <= 0:
+        return 0
     split, length = table["split"], table["length"]
     eval_tokens, train_tokens = int(length[split == EVAL].sum()), int(length[split == TRAIN].sum())
     moved = 0
-    if eval_fraction <= 0:
-        return 0
     for i in np.argsort(table["rank"], kind="stable"):
         if eval_tokens >= block_size:
             break
@@ -162,6 +163,11 @@ def top_up_eval(table: dict[str, np.ndarray], block_size: int, eval_fraction: fl
             split[i] = EVAL
             eval_tokens, train_tokens, moved = eval_tokens + length[i], train_tokens - length[i], moved + 1
     return moved
+
+
+def _token_stream(path: Path, dtype: np.dtype) -> np.ndarray:
+    """A shard's token ids, memory-mapped (numpy cannot map an empty file)."""
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.empty(0, dtype)
 
 
 def pack(recipe: Recipe, work_dir: Path, out_dir: Path, tokenizer: dict[str, Any],
@@ -174,8 +180,7 @@ def pack(recipe: Recipe, work_dir: Path, out_dir: Path, tokenizer: dict[str, Any
     per_file = max(1, int(recipe.data.output_file_mb * 1e6) // (block * dtype.itemsize))
     table = _doc_table(recipe, work_dir)
     moved = top_up_eval(table, block, recipe.data.eval_fraction)
-    streams = [np.memmap(shard_dir(work_dir, s) / "tokens" / "tokens.bin", dtype=dtype, mode="r")
-               if (shard_dir(work_dir, s) / "tokens" / "tokens.bin").stat().st_size else np.empty(0, dtype)
+    streams = [_token_stream(shard_dir(work_dir, s) / "tokens" / "tokens.bin", dtype)
                for s in range(recipe.data.num_shards)]
     splits, index_entries = {}, {}
     for code, name in ((TRAIN, "train"), (EVAL, "eval")):
