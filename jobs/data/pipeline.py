@@ -143,7 +143,7 @@ def finalize(recipe: Recipe | str | Path, work_dir: str | Path, bars: Stages | N
         raise ValueError("every document was filtered out; loosen data.filters or check data.sources "
                          f"(drop reasons per shard in {work_dir}/shard-*/clean/stats.json)")
     train_docs = dedup["train"]["docs"] if not recipe.tokenizer.path else 0
-    bar = bars.stage("train tokenizer" if train_docs else "copy tokenizer", train_docs, "docs")
+    bar = bars.stage("train tokenizer", train_docs, "docs") if train_docs else bars.stage("copy tokenizer", 1)
     tokenizer = build_tokenizer(recipe, work_dir, bar)
     bar.done()
     seconds["tokenizer"], t = time.perf_counter() - t, time.perf_counter()

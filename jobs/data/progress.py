@@ -26,8 +26,8 @@ class Bar:
 
     def done(self) -> None:
         if self._progress is not None:
-            total = next(t for t in self._progress.tasks if t.id == self._task).total
-            self._progress.update(self._task, completed=total if total is not None else 1, total=total or 1)
+            total = next(t for t in self._progress.tasks if t.id == self._task).total or 1
+            self._progress.update(self._task, completed=total, total=total)
 
 
 class Stages:
