@@ -2,14 +2,20 @@
 
 Use them from any test under tests/integration:
 
-    def test_my_job(slurm_cluster):
-        slurm_cluster.run("sbatch", "-p", slurm_cluster.low_partition, "--wrap", "true", check=True)
+    def test_my_job(slurm_cluster, monkeypatch):
+        monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.slurm_conf))  # for submitit, sbatch, squeue
+        job = slurm_cluster.sbatch("-p", slurm_cluster.low_partition, "--wrap", "true")
+        slurm_cluster.job_field(job, "JobState")
 
 Each yields a `SlurmCluster` (tests/integration/slurm_fixture.py): `slurm_conf` (export it as
-SLURM_CONF, or pass `env`), `partitions` / `low_partition` / `high_partition`, `nodes`, `name`,
-`inventory`, `first_run` (ansible-runner stats of the bring-up) and `run(*cmd)`. Both clusters can run
-at once (own configuration directories and ports); each is brought up once per session, and at the
-end every daemon it started is stopped by PID.
+SLURM_CONF, or pass `env`), `partitions` ({"low", "high"}) / `low_partition` (preemptible, default) /
+`high_partition`, `nodes`, `name`, `accounting`, `inventory`, `first_run` (ansible-runner result of the
+bring-up) and `run(*cmd)`, `sbatch(*args)`, `job_field(job, field)`, `node_states()`. Both clusters can
+run at once (own configuration directories and ports); each is brought up once per session, and at
+the end every daemon it started is stopped by PID.
+
+Preemption timing (measured): the preempted job gets its --signal within ~1 s, TERM when GraceTime
+(5 s) has passed at slurmctld's next 15-30 s check, and runs again ~10 s after its requeue.
 """
 
 from __future__ import annotations

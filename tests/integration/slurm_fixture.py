@@ -88,7 +88,19 @@ class SlurmCluster:
         """Run a Slurm client command against this cluster."""
         return subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout, check=check)
 
+    def sbatch(self, *args: str) -> str:
+        """Submit a batch job (sbatch ARGS...); its job id."""
+        return self.run("sbatch", "--parsable", *args, check=True).stdout.strip().split(";")[0]
+
+    def job_field(self, job: str, field: str) -> str:
+        """One field of `scontrol show job`, e.g. JobState, Restarts, NodeList ("" once the job is purged)."""
+        for token in self.run("scontrol", "show", "job", job).stdout.split():
+            if token.startswith(f"{field}="):
+                return token.split("=", 1)[1]
+        return ""
+
     def node_states(self) -> dict[str, str]:
+        """Node name -> sinfo's short state (idle, alloc, drain, ...)."""
         out = self.run("sinfo", "-h", "-N", "-o", "%N %t", timeout=30).stdout.split()
         return dict(zip(out[::2], out[1::2], strict=False))
 

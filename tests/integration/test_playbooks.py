@@ -20,17 +20,6 @@ PLAYBOOKS = REPO / "playbooks"
 VENV_BIN = Path(sys.executable).parent
 
 
-def sbatch(cluster: SlurmCluster, *args: str) -> str:
-    return cluster.run("sbatch", "--parsable", *args, check=True).stdout.strip().split(";")[0]
-
-
-def job_field(cluster: SlurmCluster, job: str, field: str) -> str:
-    for token in cluster.run("scontrol", "show", "job", job).stdout.split():
-        if token.startswith(f"{field}="):
-            return token.split("=", 1)[1]
-    return ""
-
-
 def wait_for(predicate: Callable[[], object], timeout: float = 60, every: float = 0.3) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -58,9 +47,9 @@ def test_local_cluster_runs_munge_slurmctld_slurmd_and_a_batch_job(slurm_cluster
                     f"HealthCheckProgram      = {slurm_cluster.slurm_conf.parent}/node-health.sh"):
         assert setting in config, setting
     out = tmp_path / "hello.out"
-    job = sbatch(slurm_cluster, "-o", str(out), "--wrap", "echo hello from $SLURMD_NODENAME")
-    assert wait_for(lambda: job_field(slurm_cluster, job, "JobState") == "COMPLETED"), \
-        job_field(slurm_cluster, job, "JobState")
+    job = slurm_cluster.sbatch("-o", str(out), "--wrap", "echo hello from $SLURMD_NODENAME")
+    assert wait_for(lambda: slurm_cluster.job_field(job, "JobState") == "COMPLETED"), \
+        slurm_cluster.job_field(job, "JobState")
     assert out.read_text().strip() == "hello from localnode"
 
 
@@ -86,15 +75,15 @@ for i in $(seq 600); do sleep 0.2; done
 
 def test_preempted_job_gets_its_signal_and_is_requeued(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     cluster, log = slurm_cluster, tmp_path / "low.log"
-    low = sbatch(cluster, "-p", cluster.low_partition, "--exclusive", "--requeue", "--signal=B:USR2@60",
+    low = cluster.sbatch("-p", cluster.low_partition, "--exclusive", "--requeue", "--signal=B:USR2@60",
                  "-o", "/dev/null", str(preemptible_job(tmp_path / "low.sh", log)))
     try:
         assert wait_for(lambda: log.exists() and "start 0" in log.read_text())
-        high = sbatch(cluster, "-p", cluster.high_partition, "--exclusive", "-o", "/dev/null", "--wrap", "sleep 1")
+        high = cluster.sbatch("-p", cluster.high_partition, "--exclusive", "-o", "/dev/null", "--wrap", "sleep 1")
         assert wait_for(lambda: "USR2" in log.read_text(), 30), "the preempted job never got SIGUSR2"
-        assert wait_for(lambda: int(job_field(cluster, low, "Restarts") or 0) >= 1, 30), \
-            job_field(cluster, low, "JobState")
-        assert wait_for(lambda: job_field(cluster, high, "JobState") == "COMPLETED", 60)
+        assert wait_for(lambda: int(cluster.job_field(low, "Restarts") or 0) >= 1, 30), \
+            cluster.job_field(low, "JobState")
+        assert wait_for(lambda: cluster.job_field(high, "JobState") == "COMPLETED", 60)
         assert wait_for(lambda: "start 1" in log.read_text(), 60), log.read_text()  # requeued, then ran again
         # its signal first (time to checkpoint), TERM when GraceTime is over, then the requeued run
         assert log.read_text().splitlines() == ["start 0", "USR2", "TERM", "start 1"]
