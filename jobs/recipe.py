@@ -294,6 +294,24 @@ class RegistryConfig(Strict):
     promotion: PromotionPolicy = Field(default_factory=PromotionPolicy)
 
 
+class SlurmConfig(Strict):
+    """Where and how `privlm train submit` runs the job on Slurm (submitit); checked against `sinfo` first."""
+
+    partition: str | None = Field(None, description="Slurm partition; None uses the cluster's default")
+    time_limit_min: PosInt = Field(60, description="wall-clock limit per run; a job past it checkpoints and requeues")
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    cpus_per_task: PosInt | None = Field(None, description="CPUs per rank; default training.threads_per_process or 1")
+    gpus_per_node: int | None = Field(None, ge=0, description="--gres=gpu:N; None: one per rank on GPU partitions")
+    mem_gb: PosInt | None = Field(None, description="memory per node; None leaves Slurm's default")
+    signal_delay_s: PosInt = Field(90, description="seconds before the time limit when the job is told to checkpoint")
+    max_requeues: int = Field(20, ge=0, description="time-limit requeues before the job is given up")
+    expected_step_s: float | None = Field(None, gt=0, description="step time estimate until one has been measured")
+    sbatch: dict[str, str | int] = Field(default_factory=dict, description="extra #SBATCH options: {exclusive: ''}")
+    setup: list[str] = Field(default_factory=list, description="shell lines run before the ranks start")
+
+
 class Recipe(Strict):
     """A whole job: model, tokenizer, data, training, DeepSpeed, checkpoints, optional fine-tuning."""
 
@@ -309,6 +327,7 @@ class Recipe(Strict):
     finetune: FinetuneConfig | None = None
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     spot: SpotConfig = Field(default_factory=SpotConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:

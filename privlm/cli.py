@@ -10,7 +10,7 @@ import typer
 
 from cost.cli import cost_app, plan_command
 from infra.cli import cluster_app
-from jobs.cli import data_app, train_app
+from jobs.cli import data_app, jobs_app, train_app
 from mlops.cli import model_app
 from serving.cli import serve_app
 
@@ -21,6 +21,7 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
+app.add_typer(jobs_app, name="jobs")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(model_app, name="model")
 app.add_typer(serve_app, name="serve")

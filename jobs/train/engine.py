@@ -25,8 +25,14 @@ from jobs.train.metrics import MetricsWriter, StepProgress, ThroughputMeter, for
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
 
+# When several stop signals arrive (Slurm preemption: USR2 then TERM; submitit's _interrupt: TERM then USR2),
+# the one asking for a requeue wins, so every rank agrees on it whatever order each saw them in.
+PRECEDENCE = {0: 0, signal.SIGINT: 1, signal.SIGTERM: 2, signal.SIGUSR1: 3, signal.SIGUSR2: 4}
+BY_PRECEDENCE = {v: k for k, v in PRECEDENCE.items()}
+
+
 class StopRequest:
-    """Remembers the last stop signal; the loop acts on it at the next step boundary."""
+    """Remembers the strongest stop signal; the loop acts on it at the next step boundary."""
 
     def __init__(self) -> None:
         self.signum = 0
@@ -34,7 +40,12 @@ class StopRequest:
             signal.signal(s, self._handle)
 
     def _handle(self, signum: int, _frame: object) -> None:
-        self.signum = signum
+        if PRECEDENCE[signum] >= PRECEDENCE[self.signum]:
+            self.signum = signum
+
+    def agreed(self) -> int:
+        """The strongest stop signal any rank has seen (a collective: every rank calls it each step)."""
+        return int(BY_PRECEDENCE[int(all_reduce_max(PRECEDENCE[self.signum]))])
 
 
 def train(recipe: Recipe) -> int:
@@ -122,7 +133,7 @@ def train(recipe: Recipe) -> int:
             progress.advance(step, f"loss {record['loss']:.3f}")
             loss_sum, loss_count = 0.0, 0
 
-        signum = int(all_reduce_max(stop.signum))
+        signum = stop.agreed()
         if step % interval == 0 or signum or step == t.total_steps:
             manager.save(engine, step, {"step": step, "tokens": tokens_seen},
                          _meta(recipe, step, tokens_seen))

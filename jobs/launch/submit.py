@@ -1,0 +1,165 @@
+"""`privlm train submit`: the job `privlm train run` runs, submitted through submitit to Slurm or this machine.
+
+Each Slurm task is one rank. It reads RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous address from
+submitit's `JobEnvironment`, then runs the trainer in-process. The trainer owns the stop signals while it
+runs; when it returns, the outcome decides what happens to the job:
+
+    0                    done: the result (final step, loss, model directory) is the job's result
+    128+SIGUSR2          preempted, timed out (Slurm's --signal) or a spot notice: the checkpoint is written,
+                         so rank 0 hands over to submitit, which requeues the job (`scontrol requeue`) and
+                         exits; the next run resumes from that checkpoint
+    128+SIGTERM          `scontrol requeue` or `scancel`: the checkpoint is written; Slurm decides the rest
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from jobs.launch.slurm import (
+    SubmitError,
+    check_fits,
+    choose_partition,
+    gpus_per_node,
+    node_address,
+    partitions,
+    sbatch_options,
+)
+from jobs.recipe import Recipe, load_recipe
+
+REQUEUE_SIGNAL = signal.SIGUSR2  # submitit's preemption signal (SUBMITIT_PREEMPT_SIGNAL)
+HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+
+
+def rendezvous_port(job_id: str) -> int:
+    """The same port on every task of a job, different for concurrent jobs (29500-39499)."""
+    return 29500 + zlib.crc32(job_id.encode()) % 10000
+
+
+def rank_environment(env: Any) -> dict[str, str]:
+    """torch.distributed's variables from a submitit JobEnvironment (Slurm or local)."""
+    local_world = max(1, env.num_tasks // max(1, env.num_nodes))
+    master = "127.0.0.1" if env.cluster == "local" else node_address(env.hostnames[0])
+    return {"RANK": str(env.global_rank), "LOCAL_RANK": str(env.local_rank), "WORLD_SIZE": str(env.num_tasks),
+            "LOCAL_WORLD_SIZE": str(local_world), "NODE_RANK": str(env.node), "MASTER_ADDR": master,
+            "MASTER_PORT": str(rendezvous_port(env.job_id.split("_")[0]))}
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """One training run as a submitit job; `checkpoint()` (inherited) resubmits it unchanged, and the
+    trainer's own checkpoints carry the state."""
+
+    def __init__(self, recipe_file: str, workdir: str) -> None:
+        self.recipe_file = recipe_file
+        self.workdir = workdir
+
+    def __call__(self) -> dict[str, Any]:
+        os.chdir(self.workdir)
+        env = submitit.JobEnvironment()
+        recipe = load_recipe(self.recipe_file)
+        os.environ.update(rank_environment(env))
+        if env.num_tasks != recipe.training.world_size:
+            raise SubmitError(f"the job has {env.num_tasks} tasks but the recipe wants training.world_size="
+                              f"{recipe.training.world_size} (nodes x processes_per_node)")
+        print(f"[privlm] {env}: rendezvous {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
+        submitit_handlers = {s: signal.getsignal(s) for s in HANDLED}
+        from jobs.train.engine import train
+
+        code = train(recipe)
+        for s, handler in submitit_handlers.items():
+            signal.signal(s, handler)
+        if code == 0:
+            return result_of(recipe)
+        if code == 128 + REQUEUE_SIGNAL:
+            self._requeue(env, submitit_handlers[REQUEUE_SIGNAL])
+        if code == 128 + signal.SIGTERM:
+            # submitit's _interrupt() and Slurm send TERM, then the preemption signal: give it a moment
+            time.sleep(3)
+            raise SystemExit(code)
+        raise RuntimeError(f"training exited with code {code}; the log above says why")
+
+    @staticmethod
+    def _requeue(env: Any, handler: Any) -> None:
+        """Rank 0: submitit requeues the job and exits. Other ranks wait to be stopped with it."""
+        print(f"[privlm] rank {env.global_rank}: checkpoint written; requeueing", flush=True)
+        if env.global_rank == 0 and callable(handler):
+            handler(REQUEUE_SIGNAL, None)  # scontrol requeue (Slurm) or a restart code (local), then sys.exit
+        if env.cluster != "local":
+            time.sleep(60)  # the requeue stops this task; if it does not, leave without a result
+        os._exit(0)
+
+
+def result_of(recipe: Recipe) -> dict[str, Any]:
+    """What a finished job returns: final step and loss, the exported model, how often it resumed."""
+    step, loss, resumes = 0, None, 0
+    metrics = recipe.run_path / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            record = json.loads(line)
+            if "loss" in record:
+                step, loss = record["step"], record["loss"]
+            resumes += record.get("event") == "start" and bool(record.get("resumed"))
+    return {"name": recipe.name, "step": step, "loss": loss, "resumes": resumes,
+            "model_dir": str((recipe.run_path / "model").resolve())}
+
+
+def executor_for(recipe: Recipe, kind: str, folder: Path) -> submitit.Executor:
+    """A submitit executor with the recipe's resources; Slurm's are checked against `sinfo` first."""
+    t, s = recipe.training, recipe.slurm
+    cpus = s.cpus_per_task or t.threads_per_process or 1
+    params: dict[str, Any] = {"timeout_min": s.time_limit_min, "nodes": t.nodes, "tasks_per_node": t.processes_per_node,
+                              "cpus_per_task": cpus, "name": f"privlm-{recipe.name}", "stderr_to_stdout": True}
+    if kind == "local":
+        if t.nodes > 1:
+            raise SubmitError(f"training.nodes={t.nodes}: the local executor runs on this machine only; "
+                              "use --executor slurm or set training.nodes=1")
+        local = submitit.LocalExecutor(folder=folder)
+        local.update_parameters(timeout_min=s.time_limit_min, tasks_per_node=t.processes_per_node,
+                                signal_delay_s=s.signal_delay_s, stderr_to_stdout=True)
+        return local
+    partition = choose_partition(recipe, partitions())
+    problems = check_fits(recipe, partition)
+    if problems:
+        raise SubmitError("refused before submission:\n  - " + "\n  - ".join(problems))
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=s.max_requeues)
+    executor.update_parameters(**params, slurm_partition=partition.name, slurm_signal_delay_s=s.signal_delay_s,
+                               slurm_additional_parameters=sbatch_options(recipe), slurm_setup=list(s.setup),
+                               gpus_per_node=gpus_per_node(recipe, partition),
+                               **({"mem_gb": s.mem_gb} if s.mem_gb else {}))
+    return executor
+
+
+def default_executor() -> str:
+    """Slurm when a cluster answers here, else this machine."""
+    from jobs.launch.slurm import slurm_available
+
+    return "slurm" if slurm_available() else "local"
+
+
+def check_data(recipe: Recipe) -> None:
+    """Refuse a job whose data is not prepared (it would fail on every node after waiting in the queue)."""
+    if not (recipe.data_path / "index.json").is_file():
+        raise SubmitError(f"data.output_dir={str(recipe.data_path)!r} has no prepared data; run "
+                          f"`privlm data prepare` (or `privlm data submit`) with this recipe first")
+
+
+def submit_training(recipe: Recipe, kind: str | None = None) -> Any:
+    """Write the resolved recipe, submit the job, record it for `privlm jobs`; return the submitit job."""
+    from jobs.launch.records import record_job
+    from jobs.train.launcher import write_resolved_recipe
+
+    kind = kind or default_executor()
+    check_data(recipe)
+    folder = (recipe.run_path / "submitit").resolve()
+    executor = executor_for(recipe, kind, folder)
+    resolved = write_resolved_recipe(recipe).resolve()
+    job = executor.submit(TrainJob(str(resolved), os.getcwd()))
+    record_job(job, kind, "train", recipe, folder)
+    return job
