@@ -33,6 +33,7 @@ test: venv system lint
 bench: venv
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/goodput.py
 
 clean:
 	rm -rf runs data .pytest_cache .ruff_cache

@@ -1,0 +1,212 @@
+"""`privlm train submit` on a real Slurm cluster (brought up by our playbook): finish and export, preemption
+by a higher-priority job and by submitit's `_interrupt()`, time limits, spot notices, two nodes, refusals,
+and `privlm jobs`."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import SMALL, FakeIMDS, fake_imds, merge, privlm, read_losses, run_env, write_recipe
+from tests.integration.slurm_fixture import SlurmCluster
+
+pytestmark = pytest.mark.integration
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    return None
+
+
+@pytest.fixture
+def submit_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[SlurmCluster], dict[str, str]]:
+    """Point Slurm clients (and the jobs' environment, which sbatch exports) at a cluster."""
+
+    def use(cluster: SlurmCluster) -> dict[str, str]:
+        env = {**run_env(), "SLURM_CONF": str(cluster.slurm_conf), "PRIVLM_JOBS_DIR": str(tmp_path / "jobs")}
+        for key in ("SLURM_CONF", "PRIVLM_JOBS_DIR", "MLFLOW_TRACKING_URI", "TORCH_EXTENSIONS_DIR"):
+            monkeypatch.setenv(key, env[key])
+        return env
+
+    return use
+
+
+def recipe(tmp_path: Path, data: Path, name: str, **extra: Any) -> Any:
+    from jobs.recipe import parse_recipe
+
+    run = tmp_path / name
+    base = merge(SMALL, {"name": name, "run_dir": str(run), "data": {"output_dir": str(data)},
+                         "checkpoint": {"directory": str(run / "ckpt")}, "training": {"max_steps": 40},
+                         "slurm": {"time_limit_min": 30}})
+    data_ = merge(base, extra)
+    write_recipe(tmp_path / f"{name}.yaml", data_)
+    return parse_recipe(data_)
+
+
+def step_reached(run: Path, step: int) -> bool:
+    return (run / "metrics.jsonl").exists() and max(read_losses(run) or {0: 0}) >= step
+
+
+def final_loss(run: Path, step: int) -> float:
+    return read_losses(run)[step]
+
+
+@pytest.fixture(scope="module")
+def reference(slurm_cluster: SlurmCluster, small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An uninterrupted 40-step job on Slurm: its result and losses, for the interrupted runs to match."""
+    import os
+
+    from jobs.launch.submit import submit_training
+
+    tmp = tmp_path_factory.mktemp("reference")
+    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PRIVLM_JOBS_DIR", "MLFLOW_TRACKING_URI")}
+    os.environ.update(SLURM_CONF=str(slurm_cluster.slurm_conf), PRIVLM_JOBS_DIR=str(tmp / "jobs"),
+                      MLFLOW_TRACKING_URI=run_env()["MLFLOW_TRACKING_URI"])
+    try:
+        job = submit_training(recipe(tmp, small_data, "reference"), "slurm")
+        results = job.results()
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return {"result": results[0], "losses": read_losses(tmp / "reference"), "job": job.job_id}
+
+
+def test_a_deepspeed_job_on_slurm_finishes_and_exports_its_model(reference: dict) -> None:
+    result = reference["result"]
+    assert result["step"] == 40 and result["resumes"] == 0
+    model = Path(result["model_dir"])
+    assert (model / "config.json").is_file() and any(model.glob("*.safetensors"))
+    assert reference["losses"][40] < reference["losses"][1] - 0.5  # it learned
+
+
+def test_preempted_by_a_higher_priority_job_checkpoints_requeues_and_matches(
+        slurm_cluster: SlurmCluster, small_data: Path, tmp_path: Path, submit_env, reference: dict) -> None:
+    from jobs.launch.submit import submit_training
+
+    submit_env(slurm_cluster)
+    run = tmp_path / "preempt"
+    job = submit_training(recipe(tmp_path, small_data, "preempt"), "slurm")
+    assert wait_for(lambda: step_reached(run, 12), 180), job.stdout()
+    high = slurm_cluster.sbatch("-p", slurm_cluster.high_partition, "--exclusive", "-o", "/dev/null",
+                                "--wrap", "sleep 2")
+    assert wait_for(lambda: int(slurm_cluster.job_field(job.job_id, "Restarts") or 0) >= 1, 90), \
+        slurm_cluster.job_field(job.job_id, "JobState")
+    assert wait_for(lambda: slurm_cluster.job_field(high, "JobState") == "COMPLETED", 120)
+    result = job.results()[0]
+    log = job.stdout() or ""
+    assert "stopping on SIGUSR2" in log and "requeueing" in log, log[-3000:]
+    assert result["resumes"] >= 1 and result["step"] == 40
+    assert final_loss(run, 40) == pytest.approx(reference["losses"][40], rel=1e-5)
+
+
+def test_interrupt_checkpoints_requeues_and_resumes_exactly(
+        slurm_cluster: SlurmCluster, small_data: Path, tmp_path: Path, submit_env, reference: dict) -> None:
+    from jobs.launch.submit import submit_training
+
+    submit_env(slurm_cluster)
+    run = tmp_path / "interrupt"
+    job = submit_training(recipe(tmp_path, small_data, "interrupt"), "slurm")
+    assert wait_for(lambda: step_reached(run, 10), 180), job.stdout()
+    job._interrupt()  # submitit's simulated preemption: TERM, then its preemption signal
+    result = job.results()[0]
+    assert result["resumes"] == 1, job.stdout()[-3000:]
+    assert final_loss(run, 40) == pytest.approx(reference["losses"][40], rel=1e-5)
+    assert int(slurm_cluster.job_field(job.job_id, "Restarts") or 0) == 1
+
+
+def test_a_job_longer_than_its_time_limit_completes_over_requeues(
+        slurm_cluster: SlurmCluster, small_data: Path, tmp_path: Path, submit_env) -> None:
+    from jobs.launch.submit import submit_training
+
+    submit_env(slurm_cluster)
+    rec = recipe(tmp_path, small_data, "timelimit", training={"max_steps": 500, "log_every": 10},
+                 checkpoint={"interval": 25}, slurm={"time_limit_min": 2, "signal_delay_s": 75})
+    job = submit_training(rec, "slurm")
+    result = job.results()[0]
+    assert result["step"] == 500 and result["resumes"] >= 1, job.stdout()[-3000:]
+    assert "timed-out" in (job.stderr() or "") + (job.stdout() or "")
+
+
+def test_a_spot_notice_checkpoints_and_requeues(
+        slurm_cluster: SlurmCluster, small_data: Path, tmp_path: Path, submit_env, reference: dict) -> None:
+    from jobs.launch.submit import submit_training
+
+    submit_env(slurm_cluster)
+    run = tmp_path / "spot"
+    with fake_imds() as url:
+        job = submit_training(recipe(tmp_path, small_data, "spot",
+                                     spot={"watch": True, "metadata_url": url, "poll_s": 0.2}), "slurm")
+        assert wait_for(lambda: step_reached(run, 10), 180), job.stdout()
+        FakeIMDS.notices["spot/instance-action"] = {"action": "terminate", "time": "2026-11-29T12:02:00Z"}
+        assert wait_for(lambda: int(slurm_cluster.job_field(job.job_id, "Restarts") or 0) >= 1, 60)
+        FakeIMDS.notices.clear()  # the replacement instance gets no notice
+        result = job.results()[0]
+    assert "spot instance-action notice" in job.stdout()
+    assert result["resumes"] == 1 and final_loss(run, 40) == pytest.approx(reference["losses"][40], rel=1e-5)
+
+
+def test_two_nodes_get_ranks_and_world_size_and_train_like_one(
+        slurm_cluster_2node: SlurmCluster, small_data: Path, tmp_path: Path, submit_env, reference: dict) -> None:
+    from jobs.launch.submit import submit_training
+
+    submit_env(slurm_cluster_2node)
+    job = submit_training(recipe(tmp_path, small_data, "twonode",
+                                 training={"nodes": 2, "processes_per_node": 1}), "slurm")
+    results = job.results()
+    assert len(results) == 2 and results[0]["step"] == 40
+    for rank in (0, 1):  # each task is one rank, on its own node
+        assert f"node={rank}(2), global_rank={rank}(2)" in job.task(rank).stdout()
+    starts = [json.loads(line) for line in (tmp_path / "twonode" / "metrics.jsonl").read_text().splitlines()
+              if '"event": "start"' in line]
+    assert [s["world_size"] for s in starts] == [2]
+    nodelist = slurm_cluster_2node.job_field(job.job_id, "NodeList")
+    hosts = slurm_cluster_2node.run("scontrol", "show", "hostnames", nodelist).stdout.split()
+    assert sorted(hosts) == slurm_cluster_2node.nodes
+    assert final_loss(tmp_path / "twonode", 40) == pytest.approx(reference["losses"][40], rel=1e-3)
+
+
+def test_bad_requests_are_refused_before_submission(
+        slurm_cluster: SlurmCluster, small_data: Path, tmp_path: Path, submit_env) -> None:
+    env = submit_env(slurm_cluster)
+    cases = {
+        "gpus": ({"slurm": {"gpus_per_node": 8}}, "has 0 per node"),
+        "partition": ({"slurm": {"partition": "gpu-a100"}}, "slurm.partition='gpu-a100' is not a partition"),
+        "timelimit": ({"slurm": {"time_limit_min": 3, "expected_step_s": 2.0}, "checkpoint": {"interval": 60}},
+                      "slurm.time_limit_min=3 is below one checkpoint interval"),
+    }
+    for name, (extra, message) in cases.items():
+        recipe(tmp_path, small_data, name, **extra)
+        out = privlm("train", "submit", str(tmp_path / f"{name}.yaml"), "--executor", "slurm", env=env,
+                     check=False)
+        assert out.returncode == 2 and message in out.stderr, (name, out.stderr)
+    assert not (tmp_path / "jobs").exists()  # nothing was submitted
+    assert slurm_cluster.run("squeue", "-h").stdout.strip() == ""
+
+
+def test_jobs_commands_show_state_checkpoint_and_log_then_cancel(
+        slurm_cluster: SlurmCluster, small_data: Path, tmp_path: Path, submit_env) -> None:
+    env = submit_env(slurm_cluster)
+    recipe(tmp_path, small_data, "listed", training={"max_steps": 2000})
+    out = privlm("train", "submit", str(tmp_path / "listed.yaml"), "--executor", "slurm", env=env).stdout
+    job_id = out.split("submitted job ")[1].split()[0]
+    assert wait_for(lambda: step_reached(tmp_path / "listed", 9), 180)
+    listing = privlm("jobs", "list", env=env).stdout
+    assert job_id in listing and "RUNNING" in listing and "listed" in listing
+    status = wait_for(lambda: (s := privlm("jobs", "status", job_id, env=env).stdout)
+                      and "last_checkpoint: None" not in s and s, 60)
+    assert "state: RUNNING" in status and "[privlm] step" in status
+    assert "step" in privlm("jobs", "logs", job_id, "-n", "5", env=env).stdout
+    privlm("jobs", "cancel", job_id, env=env)
+    assert wait_for(lambda: slurm_cluster.job_field(job_id, "JobState") in ("CANCELLED", ""), 60)
+    assert job_id not in privlm("jobs", "list", env=env).stdout  # ended jobs only with --all
+    assert job_id in privlm("jobs", "list", "--all", env=env).stdout
