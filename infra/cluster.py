@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -13,6 +14,14 @@ from typing import Any
 from infra.inventory import check_inventory, inventory_file
 
 PLAYBOOKS = Path(__file__).resolve().parents[1] / "playbooks"
+
+
+def playbooks_digest(root: Path = PLAYBOOKS) -> str:
+    """A hash of every playbook file's path and content: what Pulumi compares to rerun or re-upload them."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass

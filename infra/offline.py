@@ -1,0 +1,156 @@
+"""Run the Pulumi program in-process under the SDK's mocks and record the resource graph it would create.
+
+This is how the program is tested (Pulumi's recommended unit testing) and what `privlm infra check STACK`
+runs: no CLI, no cloud account, no plugin. The mocks answer with the inputs plus the few computed outputs
+the program reads (ARNs, addresses, the Lustre mount name), so every `apply` runs (preview=False).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from infra.program import PROJECT
+
+STACKS = Path(__file__).resolve().parent / "stacks"
+FAKE_AMI = "ami-0123456789abcdef0"
+# A placeholder for the stack's secret munge key when its stack file has none (it cannot: secrets are encrypted).
+PLACEHOLDER_SECRET = "offline-placeholder-munge-key-0123456789abcdef"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One resource as the program registered it: type token, name, id, inputs (camelCase keys)."""
+
+    type: str
+    name: str
+    id: str
+    inputs: dict[str, Any]
+    custom: bool
+
+    def get(self, *path: str | int, default: Any = None) -> Any:
+        """A nested input, e.g. r.get("metadataOptions", "httpTokens")."""
+        value: Any = self.inputs
+        for key in path:
+            try:
+                value = value[key]
+            except (KeyError, IndexError, TypeError):
+                return default
+        return default if value is None else value
+
+
+@dataclass
+class Graph:
+    """The recorded resources of one program run, and the stack outputs."""
+
+    resources: list[Recorded] = field(default_factory=list)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    secrets: list[str] = field(default_factory=list)
+
+    def of_type(self, token: str) -> list[Recorded]:
+        return [r for r in self.resources if r.type == token]
+
+    def by_id(self, resource_id: str) -> Recorded | None:
+        return next((r for r in self.resources if r.id == resource_id), None)
+
+    def count(self) -> int:
+        """Cloud (custom) resources, not providers or components: what `pulumi up` would create."""
+        return sum(1 for r in self.resources if r.custom and not r.type.startswith("pulumi:providers:"))
+
+
+def _computed(token: str, name: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Outputs AWS computes that the program reads."""
+    service = token.split(":")[1].split("/")[0]
+    extra: dict[str, Any] = {"arn": f"arn:aws:{service}:us-east-1:123456789012:{name}"}
+    if token == "aws:s3/bucket:Bucket":
+        extra["bucket"] = f"{inputs.get('bucketPrefix', name)}0001"
+        extra["arn"] = f"arn:aws:s3:::{extra['bucket']}"
+    elif token == "aws:fsx/lustreFileSystem:LustreFileSystem":
+        extra |= {"dnsName": f"fs-0abc.fsx.{name}.amazonaws.com", "mountName": "abcdefgh"}
+    elif token == "aws:ec2/instance:Instance":
+        extra |= {"privateIp": "10.42.0.10", "publicIp": "198.51.100.10"}
+    elif token == "aws:ec2/launchTemplate:LaunchTemplate":
+        extra["latestVersion"] = 1
+    return {"name": name, **extra, **inputs}
+
+
+class RecordingMocks:
+    """pulumi.runtime.Mocks that record every resource and answer the program's one lookup (the AMI)."""
+
+    def __init__(self) -> None:
+        self.recorded: list[Recorded] = []
+
+    def new_resource(self, args: Any) -> tuple[str, dict[str, Any]]:
+        resource_id = f"{args.name}-id"
+        self.recorded.append(Recorded(args.typ, args.name, resource_id, dict(args.inputs), bool(args.custom)))
+        return resource_id, _computed(args.typ, args.name, dict(args.inputs))
+
+    def call(self, args: Any) -> dict[str, Any]:
+        if args.token == "aws:ssm/getParameter:getParameter":
+            return {"name": args.args.get("name"), "value": FAKE_AMI, "type": "String"}
+        return {}
+
+
+def stack_config(stack: str | Path) -> dict[str, Any]:
+    """The `config:` of a stack file: infra/stacks/Pulumi.<stack>.yaml, or a path to such a file."""
+    path = Path(stack)
+    if not path.is_file():
+        path = STACKS / f"Pulumi.{stack}.yaml"
+    if not path.is_file():
+        known = sorted(p.name.removeprefix("Pulumi.").removesuffix(".yaml") for p in STACKS.glob("Pulumi.*.yaml"))
+        raise FileNotFoundError(f"stack {stack}: no {path}; known stacks: {', '.join(known)}")
+    return (yaml.safe_load(path.read_text()) or {}).get("config", {})
+
+
+def run(config: dict[str, Any], stack: str = "offline", validate: bool = True,
+        transformations: list[Callable] | None = None) -> Graph:
+    """Run the program with this stack config (keys `privlm:cluster`, `privlm:mungeKey`, ...) under mocks."""
+    import pulumi
+    from pulumi.runtime import mocks as pulumi_mocks
+    from pulumi.runtime.stack import run_pulumi_func
+    from pulumi.runtime.sync_await import _sync_await
+
+    from infra.program import build, spec_from_config
+
+    config = {**config}
+    munge = config.get(f"{PROJECT}:mungeKey")
+    if not isinstance(munge, str):  # absent, or `secure:` ciphertext only the Pulumi CLI can decrypt
+        config[f"{PROJECT}:mungeKey"] = munge = PLACEHOLDER_SECRET
+    recorder = RecordingMocks()
+    mocks = type("Recorder", (pulumi.runtime.Mocks,), {"new_resource": lambda _, a: recorder.new_resource(a),
+                                                       "call": lambda _, a: recorder.call(a)})()
+    pulumi.runtime.set_all_config({k: v if isinstance(v, str) else _json(v) for k, v in config.items()},
+                                  secret_keys=[f"{PROJECT}:mungeKey"])
+    pulumi_mocks.set_mocks(mocks, project=PROJECT, stack=stack, preview=False)
+    graph = Graph(secrets=[munge])
+
+    def program() -> None:
+        cfg = pulumi.Config(PROJECT)
+        opts = pulumi.ResourceOptions(transformations=transformations) if transformations else None
+        outputs = build(spec_from_config(cfg), cfg, opts=opts, validate=validate)
+        graph.outputs = _sync_await(pulumi.Output.from_input(outputs).future()) or {}
+
+    _sync_await(run_pulumi_func(program))
+    graph.resources = recorder.recorded
+    return graph
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+def resource_types(graph: Graph) -> dict[str, int]:
+    """How many resources of each type (short names, e.g. ec2/launchTemplate) the graph holds."""
+    counts: dict[str, int] = {}
+    for r in graph.resources:
+        if r.custom and not r.type.startswith("pulumi:providers:"):
+            short = re.sub(r"^[a-z]+:([^:]+):.*$", r"\1", r.type)
+            counts[short] = counts.get(short, 0) + 1
+    return counts
