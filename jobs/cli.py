@@ -77,7 +77,9 @@ def submit(recipe: Path = RecipeArg, overrides: list[str] = OverrideOpt, executo
         raise _submit_error(exc) from None
     typer.echo(f"submitted job {job.job_id} ({kind}); follow it with `privlm jobs status {job.job_id}`")
     if wait:
-        typer.echo(json.dumps(job.results()[0], indent=1))
+        from jobs.launch.submit import follow
+
+        typer.echo(json.dumps(follow(job, _load(recipe, overrides))[0], indent=1))
 
 
 @data_app.command("submit")

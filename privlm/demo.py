@@ -1,4 +1,5 @@
-"""The demo path on this machine, station by station: data, pretrain, LoRA fine-tune, registry, serving."""
+"""The demo path on this machine, station by station: data, pretrain, LoRA fine-tune (as jobs: Slurm when a
+cluster answers, else the local executor), registry, serving, and the cost of a real-sized plan."""
 
 from __future__ import annotations
 
@@ -9,17 +10,18 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from jobs.recipe import load_recipe
+from jobs.recipe import Recipe, load_recipe
 from jobs.train.distributed import REPO_ROOT
 
 PRETRAIN = REPO_ROOT / "recipes" / "tiny-cpu.yaml"
 FINETUNE = REPO_ROOT / "recipes" / "tiny-cpu-lora.yaml"
+COST_SCENARIO = REPO_ROOT / "recipes" / "cost" / "h100-buy-vs-p5-rent.yaml"
 
 
 def run_demo(pretrain_steps: int | None = None, keep_serving: bool = False) -> int:
     """Run each station in order and print where the model is and what each step cost in time."""
     from jobs.data.pipeline import prepare_data
-    from jobs.train.launcher import launch_local
+    from jobs.launch.submit import default_executor, follow, submit_training
 
     console = Console()
     timings: list[tuple[str, float, str]] = []
@@ -34,14 +36,20 @@ def run_demo(pretrain_steps: int | None = None, keep_serving: bool = False) -> i
         note = " (unchanged, reused)" if result.skipped else ""
         timings.append((label, time.perf_counter() - t0, f"{result.output_dir}{note}"))
 
-    for label, recipe, path, extra in (("train: pretrain (DeepSpeed, 2 ranks)", pretrain, PRETRAIN, overrides),
-                                       ("train: LoRA fine-tune", finetune, FINETUNE, [])):
+    kind = default_executor()
+    for label, recipe in ((f"train: pretrain (DeepSpeed, 2 ranks, {kind} job)", pretrain),
+                          (f"train: LoRA fine-tune ({kind} job)", finetune)):
         console.rule(label)
         t0 = time.perf_counter()
-        code = launch_local(recipe, recipe_path=path, overrides=extra)
-        if code != 0:
-            console.print(f"[red]{label} exited with {code}; rerun `make demo` to resume from the last checkpoint")
-            return code
+        if already_trained(recipe):
+            console.print(f"{recipe.run_path / 'model'} is trained from this exact recipe: reused")
+            timings.append((label, time.perf_counter() - t0, f"{recipe.run_path / 'model'} (unchanged, reused)"))
+            continue
+        try:
+            follow(submit_training(recipe, kind), recipe, console)
+        except Exception as exc:  # the job's log tail is printed by follow()
+            console.print(f"[red]{label} failed ({exc}); rerun `make demo` to resume from the last checkpoint")
+            return 1
         timings.append((label, time.perf_counter() - t0, str(recipe.run_path / "model")))
 
     console.rule("registry: register, evaluate, promote (MLflow)")
@@ -54,8 +62,56 @@ def run_demo(pretrain_steps: int | None = None, keep_serving: bool = False) -> i
     answer = serve_and_ask(console, keep_serving)
     timings.append(("serve: Ray Serve + one completion", time.perf_counter() - t0, answer))
 
+    console.rule("cost: a real-sized plan, next to what this demo measured")
+    t0 = time.perf_counter()
+    verdict = cost_station(console, pretrain.run_path)
+    timings.append(("cost: rent or buy (recipes/cost)", time.perf_counter() - t0, verdict))
+
     _print_summary(console, timings, pretrain.run_path, finetune.run_path)
     return 0
+
+
+def already_trained(recipe: Recipe) -> bool:
+    """True when the run finished all its steps from a recipe identical to this one (so the model is current)."""
+    summary, saved = recipe.run_path / "summary.json", recipe.run_path / "recipe.yaml"
+    if not (summary.is_file() and saved.is_file() and (recipe.run_path / "model").is_dir()):
+        return False
+    same = load_recipe(saved).fingerprint() == recipe.fingerprint()
+    return same and json.loads(summary.read_text()).get("step") == recipe.training.total_steps
+
+
+def cost_station(console: Console, run: Path) -> str:
+    """The 7B rent-or-buy scenario's totals, with this demo's measured throughput beside the plan's assumption."""
+    from cost.model import analyse, load_scenario
+    from cost.report import terminal_table, verdict
+
+    scenario = load_scenario(COST_SCENARIO)
+    result = analyse(scenario)
+    labels = {"cloud": scenario.cloud.label, "own": scenario.own.label}
+    console.print(terminal_table(result, labels))
+    lines = verdict(result, labels)
+    for line in lines:
+        console.print(line)
+    measured = _measured_throughput(run)
+    if measured:
+        console.print(f"this demo measured {measured['tokens_per_s']:,.0f} tokens/s at MFU {measured['mfu']:.1%} on "
+                      f"this CPU; the plan assumes MFU {scenario.workload.train_mfu:.0%} on H100 "
+                      f"(calibrate it with `privlm cost run RUN_ID` on a real cluster run)")
+    return f"{labels[result['cheaper']]} is cheaper over {result['years']} years ({COST_SCENARIO.name})"
+
+
+def _measured_throughput(run: Path) -> dict[str, float] | None:
+    """Median tokens/s and MFU of the run's logged steps."""
+    import statistics
+
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    records = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("tokens_per_s")]
+    if not records:
+        return None
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
+            "mfu": statistics.median(r["mfu"] for r in records)}
 
 
 def serve_and_ask(console: Console, keep_serving: bool, port: int = 8000) -> str:

@@ -98,14 +98,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
 def result_of(recipe: Recipe) -> dict[str, Any]:
     """What a finished job returns: final step and loss, the exported model, how often it resumed."""
-    step, loss, resumes = 0, None, 0
-    metrics = recipe.run_path / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            record = json.loads(line)
-            if "loss" in record:
-                step, loss = record["step"], record["loss"]
-            resumes += record.get("event") == "start" and bool(record.get("resumed"))
+    step, loss, resumes = _progress_of(recipe.run_path / "metrics.jsonl")
     return {"name": recipe.name, "step": step, "loss": loss, "resumes": resumes,
             "model_dir": str((recipe.run_path / "model").resolve())}
 
@@ -163,3 +156,42 @@ def submit_training(recipe: Recipe, kind: str | None = None) -> Any:
     job = executor.submit(TrainJob(str(resolved), os.getcwd()))
     record_job(job, kind, "train", recipe, folder)
     return job
+
+
+def follow(job: Any, recipe: Recipe, console: Any = None) -> list[dict[str, Any]]:
+    """Wait for JOB with a progress bar fed by the run's metrics.jsonl; its results, or the log tail on failure."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console()
+    metrics = recipe.run_path / "metrics.jsonl"
+    total = recipe.training.total_steps
+    columns = (TextColumn(f"{recipe.name} job {job.job_id}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[status]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("train", total=total, status="queued")
+        while not job.done():
+            step, loss, resumes = _progress_of(metrics)
+            status = (f"loss {loss:.3f}" if loss is not None else "starting") + (f", resumed x{resumes}"
+                                                                                 if resumes else "")
+            bar.update(task, completed=step, status=status)
+            time.sleep(0.5)
+        step, loss, _ = _progress_of(metrics)
+        bar.update(task, completed=step, status=f"loss {loss:.3f}" if loss is not None else "")
+    try:
+        return job.results()
+    except Exception:
+        console.print(f"[red]job {job.job_id} failed; its log ends with:\n" + (job.stdout() or "")[-3000:])
+        raise
+
+
+def _progress_of(metrics: Path) -> tuple[int, float | None, int]:
+    """Last logged step and loss, and how often the run resumed, from metrics.jsonl."""
+    step, loss, resumes = 0, None, 0
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            record = json.loads(line)
+            if "loss" in record:
+                step, loss = record["step"], record["loss"]
+            resumes += record.get("event") == "start" and bool(record.get("resumed"))
+    return step, loss, resumes
