@@ -66,3 +66,50 @@ def health_cmd(program: Path = typer.Option(NODE_HEALTH, help="the check the nod
         typer.secho(proc.stdout + proc.stderr, err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(proc.returncode)
+
+
+infra_app = typer.Typer(help="Pulumi: validate a stack's cluster spec and check its resources offline.",
+                        no_args_is_help=True)
+
+
+STACK_HELP = "stack name (infra/stacks/Pulumi.STACK.yaml) or a stack file"
+
+
+@infra_app.command("validate")
+def validate_cmd(stack: str = typer.Argument(..., help=STACK_HELP)) -> None:
+    """The spec rules' errors and warnings for a stack; exit 0 when `pulumi up` would start, 2 otherwise."""
+    from infra.offline import stack_config
+    from infra.spec import SpecError, check_spec, parse_spec
+
+    try:
+        spec = parse_spec(stack_config(stack).get("privlm:cluster") or {})
+    except (SpecError, FileNotFoundError) as exc:
+        typer.secho(f"{stack}: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    findings = check_spec(spec)
+    for finding in findings:
+        typer.secho(str(finding), fg="red" if finding.level == "error" else "yellow")
+    errors = sum(f.level == "error" for f in findings)
+    typer.echo(f"{spec.name}: {errors} errors, {len(findings) - errors} warnings")
+    raise typer.Exit(2 if errors else 0)
+
+
+@infra_app.command("check")
+def check_cmd(stack: str = typer.Argument(..., help=STACK_HELP)) -> None:
+    """Run the Pulumi program offline (SDK mocks) and check the policies on its resources; exit 1 on a violation."""
+    from infra.offline import resource_types, run, stack_config
+    from infra.policies import POLICIES, check
+    from infra.spec import SpecError
+
+    try:
+        graph = run(stack_config(stack), stack=Path(stack).stem.removeprefix("Pulumi."))
+    except (SpecError, FileNotFoundError) as exc:
+        typer.secho(f"{stack}: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    violations = check(graph)
+    for violation in violations:
+        typer.secho(str(violation), fg="red")
+    kinds = ", ".join(f"{n} {t}" for t, n in sorted(resource_types(graph).items()))
+    typer.echo(f"{graph.count()} resources ({kinds})")
+    typer.echo(f"{len(violations)} violations of {len(POLICIES)} policies ({', '.join(POLICIES)})")
+    raise typer.Exit(1 if violations else 0)

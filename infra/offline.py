@@ -8,6 +8,7 @@ the program reads (ARNs, addresses, the Lustre mount name), so every `apply` run
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,7 @@ def run(config: dict[str, Any], stack: str = "offline", validate: bool = True,
 
     from infra.program import build, spec_from_config
 
-    config = {**config}
+    config = {f"{PROJECT}:inventoryDir": tempfile.mkdtemp(prefix="privlm-offline-"), **config}
     munge = config.get(f"{PROJECT}:mungeKey")
     if not isinstance(munge, str):  # absent, or `secure:` ciphertext only the Pulumi CLI can decrypt
         config[f"{PROJECT}:mungeKey"] = munge = PLACEHOLDER_SECRET

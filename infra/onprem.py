@@ -27,7 +27,7 @@ class AnsibleSettings:
     """How `pulumi up` runs the playbooks (stack settings privlm:inventory, ansibleCheck, ansibleTags, playbook)."""
 
     inventory: Path | None = None  # an inventory kept by hand; default: rendered from the spec into inventory_dir
-    inventory_dir: Path = Path(".privlm/inventories")
+    inventory_dir: Path = Path.home() / ".privlm" / "inventories"
     check: bool = False
     tags: str | None = None
     playbook: str = "site.yml"

@@ -50,7 +50,7 @@ def build(spec: ClusterSpec, config: pulumi.Config, opts: pulumi.ResourceOptions
 
         inventory = config.get("inventory")
         settings = AnsibleSettings(inventory=Path(inventory) if inventory else None,
-                                   inventory_dir=Path(config.get("inventoryDir") or ".privlm/inventories"),
+                                   inventory_dir=Path(config.get("inventoryDir") or AnsibleSettings.inventory_dir),
                                    check=config.get_bool("ansibleCheck") or False, tags=config.get("ansibleTags"),
                                    playbook=config.get("playbook") or "site.yml")
         return OnPremCluster(spec, settings, opts=opts).outputs

@@ -54,7 +54,8 @@ class AwsCluster(pulumi.ComponentResource):
 
         self.compute = Compute(
             spec.name, spec, ami=ami, public_subnet_id=self.network.public_subnet.id,
-            private_subnet_id=self.network.private_subnet.id, cluster_group_id=self.network.cluster_group.id,
+            private_subnet_ids={zone: s.id for zone, s in self.network.private_subnets.items()},
+            cluster_group_id=self.network.cluster_group.id,
             head_group_id=self.network.head_group.id, instance_profile=self.identity.profile, user_data=boot,
             opts=child)
         self.outputs: dict[str, Any] = {

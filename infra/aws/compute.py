@@ -48,7 +48,7 @@ class Compute(pulumi.ComponentResource):
     """
 
     def __init__(self, name: str, spec: AwsSpec, *, ami: pulumi.Input[str], public_subnet_id: pulumi.Input[str],
-                 private_subnet_id: pulumi.Input[str], cluster_group_id: pulumi.Input[str],
+                 private_subnet_ids: dict[str, pulumi.Input[str]], cluster_group_id: pulumi.Input[str],
                  head_group_id: pulumi.Input[str], instance_profile: aws.iam.InstanceProfile,
                  user_data: UserData, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("privlm:aws:Compute", name, None, opts)
@@ -86,7 +86,7 @@ class Compute(pulumi.ComponentResource):
             low, high = group.bounds
             self.groups[group.name] = aws.autoscaling.Group(
                 f"{name}-{group.name}", min_size=low, max_size=high, desired_capacity=group.count,
-                vpc_zone_identifiers=[private_subnet_id], placement_group=self.placement_group.id,
+                vpc_zone_identifiers=[private_subnet_ids[spec.zone_of(group)]], placement_group=self.placement_group.id,
                 capacity_rebalance=group.capacity.type == "spot",
                 launch_template=aws.autoscaling.GroupLaunchTemplateArgs(
                     id=template.id, version=template.latest_version.apply(str)),

@@ -24,27 +24,33 @@ class Network(pulumi.ComponentResource):
         super().__init__("privlm:aws:Network", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         tags = spec.resource_tags
-        public_cidr, private_cidr = list(spec.vpc_cidr.subnets(new_prefix=max(spec.vpc_cidr.prefixlen + 1, 20)))[:2]
+        zones = list(dict.fromkeys([spec.availability_zone, *(spec.zone_of(g) for g in spec.node_groups)]))
+        cidrs = spec.vpc_cidr.subnets(new_prefix=max(spec.vpc_cidr.prefixlen + 2, 20))
         self.vpc = aws.ec2.Vpc(f"{name}-vpc", cidr_block=str(spec.vpc_cidr), enable_dns_hostnames=True,
                                enable_dns_support=True, tags=tags("vpc"), opts=child)
-        self.public_subnet = aws.ec2.Subnet(f"{name}-public", vpc_id=self.vpc.id, cidr_block=str(public_cidr),
+        self.public_subnet = aws.ec2.Subnet(f"{name}-public", vpc_id=self.vpc.id, cidr_block=str(next(cidrs)),
                                             availability_zone=spec.availability_zone, tags=tags("public"),
                                             opts=child)
-        self.private_subnet = aws.ec2.Subnet(f"{name}-private", vpc_id=self.vpc.id, cidr_block=str(private_cidr),
-                                             availability_zone=spec.availability_zone, tags=tags("private"),
-                                             opts=child)
+        # one private subnet per zone used: the spec rules allow only the cluster's zone, but the program stays
+        # honest if they are skipped, so the placement policy sees where each group would really launch
+        self.private_subnets: dict[str, aws.ec2.Subnet] = {}
+        subnet_names = {f"{name}-public": self.public_subnet}
+        for zone in zones:
+            subnet_name = f"{name}-private" + ("" if zone == spec.availability_zone else f"-{zone}")
+            self.private_subnets[zone] = subnet_names[subnet_name] = aws.ec2.Subnet(
+                subnet_name, vpc_id=self.vpc.id, cidr_block=str(next(cidrs)), availability_zone=zone,
+                tags=tags(subnet_name.removeprefix(f"{name}-")), opts=child)
+        self.private_subnet = self.private_subnets[spec.availability_zone]
         gateway = aws.ec2.InternetGateway(f"{name}-igw", vpc_id=self.vpc.id, tags=tags("igw"), opts=child)
         nat_address = aws.ec2.Eip(f"{name}-nat-ip", domain="vpc", tags=tags("nat-ip"), opts=child)
         nat = aws.ec2.NatGateway(f"{name}-nat", subnet_id=self.public_subnet.id, allocation_id=nat_address.id,
                                  tags=tags("nat"), opts=pulumi.ResourceOptions(parent=self, depends_on=[gateway]))
-        tables = {}
-        for kind, subnet, route in (("public", self.public_subnet, {"gateway_id": gateway.id}),
-                                    ("private", self.private_subnet, {"nat_gateway_id": nat.id})):
-            tables[kind] = aws.ec2.RouteTable(f"{name}-{kind}-routes", vpc_id=self.vpc.id, tags=tags(f"{kind}-routes"),
-                                              routes=[aws.ec2.RouteTableRouteArgs(cidr_block=WORLD, **route)],
-                                              opts=child)
-            aws.ec2.RouteTableAssociation(f"{name}-{kind}-routes", subnet_id=subnet.id,
-                                          route_table_id=tables[kind].id, opts=child)
+        tables = {kind: aws.ec2.RouteTable(f"{name}-{kind}-routes", vpc_id=self.vpc.id, tags=tags(f"{kind}-routes"),
+                                           routes=[aws.ec2.RouteTableRouteArgs(cidr_block=WORLD, **route)], opts=child)
+                  for kind, route in (("public", {"gateway_id": gateway.id}), ("private", {"nat_gateway_id": nat.id}))}
+        for subnet_name, subnet in subnet_names.items():
+            table = tables["public" if subnet is self.public_subnet else "private"]
+            aws.ec2.RouteTableAssociation(subnet_name, subnet_id=subnet.id, route_table_id=table.id, opts=child)
         aws.ec2.VpcEndpoint(f"{name}-s3", vpc_id=self.vpc.id, service_name=f"com.amazonaws.{spec.region}.s3",
                             vpc_endpoint_type="Gateway", route_table_ids=[t.id for t in tables.values()],
                             tags=tags("s3-endpoint"), opts=child)
