@@ -12,6 +12,7 @@ import functools
 import importlib
 import inspect
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -201,8 +202,9 @@ def _taggable(token: str) -> bool:
     match = re.match(r"^aws:([^/]+)/[^:]+:(\w+)$", token)
     if not match:
         return False
-    module = importlib.import_module(f"pulumi_aws.{match[1]}")
-    cls = getattr(module, match[2], None)
+    with warnings.catch_warnings():  # the module announces its deprecated classes on import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        cls = getattr(importlib.import_module(f"pulumi_aws.{match[1]}"), match[2], None)
     return cls is not None and "tags" in inspect.signature(cls._internal_init).parameters
 
 

@@ -1,0 +1,289 @@
+"""The Pulumi program under the SDK's mocks: each example stack's resource graph, outputs and policies."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pulumi
+import pytest
+import yaml
+from pulumi.runtime import rpc
+
+from infra.offline import FAKE_AMI, PLACEHOLDER_SECRET, Graph, Recorded, run, stack_config
+from infra.policies import POLICIES, check
+from infra.spec import AwsSpec, SpecError, parse_spec
+
+AWS_STACKS = ["p5-spot", "p4d-ondemand", "g5-inference"]
+MUNGE = "test-munge-key-that-must-never-appear-in-user-data"
+LT = "aws:ec2/launchTemplate:LaunchTemplate"
+ASG = "aws:autoscaling/group:Group"
+
+
+def config(stack: str, **cluster_changes: Any) -> dict[str, Any]:
+    cfg = copy.deepcopy(stack_config(stack))
+    cfg["privlm:cluster"].update(cluster_changes)
+    cfg["privlm:mungeKey"] = MUNGE
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def graphs() -> dict[str, Graph]:
+    return {s: run(config(s), stack=s) for s in AWS_STACKS}
+
+
+def secret(value: str) -> dict[str, str]:
+    """How the engine receives a secret value (the SDK's wire format)."""
+    return {rpc._special_sig_key: rpc._special_secret_sig, "value": value}
+
+
+def one(graph: Graph, token: str) -> Recorded:
+    found = graph.of_type(token)
+    assert len(found) == 1, [r.name for r in found]
+    return found[0]
+
+
+def user_data(graph: Graph, token: str) -> str:
+    text = one(graph, token).inputs["userData"]
+    return base64.b64decode(text).decode() if token == LT else text
+
+
+@pytest.mark.parametrize("stack", AWS_STACKS)
+def test_example_stack_passes_every_policy(graphs: dict[str, Graph], stack: str) -> None:
+    graph = graphs[stack]
+    assert graph.count() >= 30
+    assert check(graph) == []
+
+
+def test_p5_spot_has_32_efa_interfaces_spot_options_and_the_placement_group(graphs: dict[str, Graph]) -> None:
+    graph = graphs["p5-spot"]
+    template = one(graph, LT)
+    interfaces = template.inputs["networkInterfaces"]
+    assert [(i["networkCardIndex"], i["deviceIndex"], i["interfaceType"]) for i in interfaces] == \
+        [(0, 0, "efa")] + [(card, 1, "efa") for card in range(1, 32)]
+    assert template.inputs["instanceMarketOptions"] == {"marketType": "spot", "spotOptions": {
+        "maxPrice": "40.0000", "spotInstanceType": "one-time", "instanceInterruptionBehavior": "terminate"}}
+    assert template.inputs["metadataOptions"]["httpTokens"] == "required"
+    assert template.inputs["blockDeviceMappings"][0]["ebs"]["encrypted"] == "true"
+    assert template.inputs["imageId"] == FAKE_AMI
+    group = one(graph, ASG)
+    placement = graph.by_id(group.inputs["placementGroup"])
+    assert placement is not None and placement.inputs["strategy"] == "cluster"
+    assert (group.inputs["minSize"], group.inputs["desiredCapacity"], group.inputs["maxSize"]) == (0, 2, 4)
+    assert group.inputs["capacityRebalance"] is True
+    subnet = graph.by_id(group.inputs["vpcZoneIdentifiers"][0])
+    assert subnet is not None and subnet.inputs["availabilityZone"] == "us-east-1a"
+    assert subnet.name == "p5-spot-private"
+
+
+def test_p4d_on_demand_has_4_efa_interfaces_no_market_options_and_persistent_lustre(graphs: dict[str, Graph]) -> None:
+    graph = graphs["p4d-ondemand"]
+    template = one(graph, LT)
+    assert [i["networkCardIndex"] for i in template.inputs["networkInterfaces"]] == [0, 1, 2, 3]
+    assert "instanceMarketOptions" not in template.inputs
+    lustre = one(graph, "aws:fsx/lustreFileSystem:LustreFileSystem")
+    assert (lustre.inputs["deploymentType"], lustre.inputs["storageCapacity"],
+            lustre.inputs["perUnitStorageThroughput"]) == ("PERSISTENT_2", 4800, 250)
+    assert lustre.inputs["subnetIds"] == "p4d-ondemand-private-id"  # pulumi-aws 7: one string
+
+
+def test_g5_inference_has_one_plain_interface_no_lustre_and_https_on_the_head_only(graphs: dict[str, Graph]) -> None:
+    graph = graphs["g5-inference"]
+    (interface,) = one(graph, LT).inputs["networkInterfaces"]
+    assert "interfaceType" not in interface and interface["deviceIndex"] == 0
+    assert graph.of_type("aws:fsx/lustreFileSystem:LustreFileSystem") == []
+    world = [r for r in graph.of_type("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule")
+             if r.inputs.get("cidrIpv4") == "0.0.0.0/0"]
+    assert [(r.inputs["securityGroupId"], r.inputs["fromPort"]) for r in world] == [("g5-inference-head-id", 443)]
+    assert not [r for r in graph.of_type("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule")
+                if r.inputs.get("fromPort") == 22]  # no ssh_cidrs: no SSH at all, SSM only
+
+
+def test_cluster_group_lets_members_talk_on_every_port(graphs: dict[str, Graph]) -> None:
+    graph = graphs["p5-spot"]
+    for token in ("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule",
+                  "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule"):
+        assert any(r.inputs.get("referencedSecurityGroupId") == "p5-spot-cluster-id" == r.inputs["securityGroupId"]
+                   and r.inputs["ipProtocol"] == "-1" for r in graph.of_type(token)), token
+    ssh = [r for r in graph.of_type("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule")
+           if r.inputs.get("fromPort") == 22]
+    assert [(r.inputs["cidrIpv4"], r.inputs["securityGroupId"]) for r in ssh] == [("203.0.113.0/24",
+                                                                                  "p5-spot-head-id")]
+
+
+def test_bucket_is_versioned_encrypted_private_and_linked_to_lustre(graphs: dict[str, Graph]) -> None:
+    graph = graphs["p5-spot"]
+    bucket = one(graph, "aws:s3/bucket:Bucket")
+    assert one(graph, "aws:s3/bucketVersioning:BucketVersioning").inputs == {
+        "bucket": bucket.id, "versioningConfiguration": {"status": "Enabled"}}
+    block = one(graph, "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock").inputs
+    assert all(block[k] is True for k in ("blockPublicAcls", "blockPublicPolicy", "ignorePublicAcls",
+                                          "restrictPublicBuckets"))
+    link = one(graph, "aws:fsx/dataRepositoryAssociation:DataRepositoryAssociation").inputs
+    assert link["dataRepositoryPath"] == "s3://p5-spot-data-0001" and link["fileSystemId"] == "p5-spot-lustre-id"
+    assert link["s3"]["autoExportPolicy"]["events"] == ["NEW", "CHANGED", "DELETED"]
+    playbooks = one(graph, "aws:s3/bucketObjectv2:BucketObjectv2").inputs
+    assert playbooks["key"].startswith("bootstrap/playbooks-") and playbooks["bucket"] == bucket.id
+
+
+def test_instance_role_gets_only_its_bucket_logs_and_munge_key(graphs: dict[str, Graph]) -> None:
+    graph = graphs["p5-spot"]
+    statements = {s["Sid"]: s for s in json.loads(one(graph, "aws:iam/rolePolicy:RolePolicy").inputs["policy"])[
+        "Statement"]}
+    assert statements["ClusterBucketObjects"]["Resource"] == ["arn:aws:s3:::p5-spot-data-0001/*"]
+    assert statements["MungeKey"]["Resource"] == ["arn:aws:ssm:us-east-1:123456789012:p5-spot-munge-key"]
+    assert statements["ClusterMetrics"]["Condition"] == {"StringEquals": {"cloudwatch:namespace": "privlm/p5-spot"}}
+    wildcard = [sid for sid, s in statements.items() if "*" in s["Resource"]]
+    assert wildcard == ["ClusterMetrics", "SessionManager"]  # actions that take no resource ARN
+    assert not any(a.endswith(":*") or a == "*" for s in statements.values() for a in s["Action"])
+    parameter = one(graph, "aws:ssm/parameter:Parameter").inputs
+    assert (parameter["type"], parameter["value"]) == ("SecureString", secret(MUNGE))  # a secret in the state too
+
+
+def test_user_data_mounts_lustre_fetches_the_key_from_ssm_and_holds_no_secret(graphs: dict[str, Graph]) -> None:
+    graph = graphs["p5-spot"]
+    node, head = user_data(graph, LT), user_data(graph, "aws:ec2/instance:Instance")
+    for text in (node, head):
+        assert text.startswith("#cloud-config\n") and MUNGE not in text
+        cloud = yaml.safe_load(text)
+        inventory = yaml.safe_load(cloud["write_files"][0]["content"])
+        assert inventory["all"]["vars"]["shared_storage_mounts"] == [
+            {"path": "/fsx", "type": "lustre", "source": "fs-0abc.fsx.p5-spot-lustre.amazonaws.com@tcp:/abcdefgh"}]
+        script = cloud["runcmd"][0][2]
+        assert "aws ssm get-parameter --region us-east-1 --name /privlm/p5-spot/munge-key --with-decryption" in script
+        assert "site.yml" in script
+    node_inventory = yaml.safe_load(yaml.safe_load(node)["write_files"][0]["content"])["all"]
+    assert node_inventory["hosts"]["head"]["ansible_host"] == "10.42.0.10"  # the head's private address
+    assert node_inventory["hosts"]["localhost"]["slurm_gpus"] == 8
+    assert node_inventory["children"]["slurm_nodes"]["hosts"] == {"localhost": None}
+
+
+def test_outputs_and_the_rendered_spec_round_trip(graphs: dict[str, Graph]) -> None:
+    outputs = graphs["p5-spot"].outputs
+    assert outputs["head_address"] == "198.51.100.10"
+    assert outputs["partitions"] == ["train", "urgent"]
+    assert (outputs["bucket"], outputs["fsx_mount_name"]) == ("p5-spot-data-0001", "abcdefgh")
+    spec = parse_spec(yaml.safe_load(outputs["cluster_spec"]))
+    assert isinstance(spec, AwsSpec) and spec.node_groups[0].instance_type == "p5.48xlarge"
+    assert [(m.path, m.type) for m in spec.storage] == [("/fsx", "lustre")]
+    nfs = parse_spec(yaml.safe_load(graphs["g5-inference"].outputs["cluster_spec"]))
+    assert [m.source for m in nfs.storage] == ["10.42.0.10:/shared"]
+
+
+def test_spec_errors_stop_the_program_before_any_resource() -> None:
+    with pytest.raises(SpecError, match=r"ERROR ssh_cidrs.0: 0.0.0.0/0 opens SSH"):
+        run(config("p5-spot", ssh_cidrs=["0.0.0.0/0"]))
+
+
+def test_without_a_munge_key_the_offline_run_uses_a_placeholder_that_stays_out_of_user_data() -> None:
+    cfg = config("g5-inference")
+    del cfg["privlm:mungeKey"]
+    graph = run(cfg)
+    assert graph.secrets == [PLACEHOLDER_SECRET]
+    assert one(graph, "aws:ssm/parameter:Parameter").inputs["value"] == secret(PLACEHOLDER_SECRET)
+    assert check(graph, only=["secrets"]) == []
+
+
+# Stacks built to break one policy each: an invalid spec forced past the rules (validate=False), or a
+# transformation that changes what the program registers, as a careless code change would.
+
+def sabotage(token: str, change: Callable[[dict], None]) -> Callable:
+    def transformation(args: pulumi.ResourceTransformationArgs) -> pulumi.ResourceTransformationResult | None:
+        if args.type_ != token:
+            return None
+        props = dict(args.props)
+        change(props)
+        return pulumi.ResourceTransformationResult(props, args.opts)
+    return transformation
+
+
+def _drop_last_interface(props: dict) -> None:
+    props["network_interfaces"] = props["network_interfaces"][:-1]
+
+
+def _unencrypted_root(props: dict) -> None:
+    props["block_device_mappings"][0].ebs.encrypted = "false"
+
+
+def _imdsv1_on_head(props: dict) -> None:
+    props["metadata_options"] = pulumi_aws().ec2.InstanceMetadataOptionsArgs(http_tokens="optional")
+
+
+def _secret_in_head_user_data(props: dict) -> None:
+    props["user_data"] = pulumi.Output.from_input(props["user_data"]).apply(
+        lambda text: text + f"\n# MUNGE_KEY={MUNGE}\n")
+
+
+def _untagged_lustre(props: dict) -> None:
+    props["tags"] = {k: v for k, v in props["tags"].items() if k != "owner"}
+
+
+def _world_on_cluster_group(props: dict) -> None:
+    if props["security_group_id"] is not None and props.get("from_port") is None:
+        props.update(cidr_ipv4="0.0.0.0/0", referenced_security_group_id=None)
+
+
+def _scratch_1(props: dict) -> None:
+    props["deployment_type"] = "SCRATCH_1"
+
+
+def pulumi_aws() -> Any:
+    import pulumi_aws as aws
+
+    return aws
+
+
+BROKEN: dict[str, tuple[str, dict[str, Any], list[Callable], str]] = {
+    "group in another zone": ("placement", {"node_groups": [
+        {"name": "p5", "instance_type": "p5.48xlarge", "count": 2, "fabric": "efa",
+         "availability_zone": "us-east-1b"},
+        {"name": "p5b", "instance_type": "p5.48xlarge", "count": 1, "fabric": "efa"}]}, [],
+        "node groups: span several availability zones"),
+    "group outside the placement group": ("placement", {}, [
+        sabotage(ASG, lambda p: p.update(placement_group=None))], "p5-spot-p5: not in a cluster placement group"),
+    "one EFA interface short": ("efa", {}, [sabotage(LT, _drop_last_interface)],
+                                "p5-spot-p5: 31 EFA interfaces on network cards"),
+    "SSH from anywhere": ("security-groups", {"ssh_cidrs": ["0.0.0.0/0"]}, [],
+                          "p5-spot-ssh-0: ingress tcp ports (22.0, 22.0) from the whole internet"),
+    "cluster group open to the world": ("security-groups", {}, [
+        sabotage("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule", _world_on_cluster_group)],
+        "p5-spot-cluster-in: ingress -1 ports (None, None) from the whole internet"),
+    "unencrypted node volume": ("encryption", {}, [sabotage(LT, _unencrypted_root)],
+                                "p5-spot-p5: volume /dev/sda1 is not encrypted"),
+    "Lustre without encryption in transit": ("encryption", {}, [
+        sabotage("aws:fsx/lustreFileSystem:LustreFileSystem", _scratch_1)],
+        "p5-spot-lustre: SCRATCH_1 does not encrypt data in transit"),
+    "IMDSv1 on the head": ("imdsv2", {}, [sabotage("aws:ec2/instance:Instance", _imdsv1_on_head)],
+                           "p5-spot-head: IMDSv1 is allowed"),
+    "munge key in user data": ("secrets", {}, [sabotage("aws:ec2/instance:Instance", _secret_in_head_user_data)],
+                               "p5-spot-head: user data contains a stack secret (privlm:mungeKey)"),
+    "Lustre without owner": ("tags", {}, [sabotage("aws:fsx/lustreFileSystem:LustreFileSystem", _untagged_lustre)],
+                             "p5-spot-lustre: missing tags ['owner']"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_each_policy_fails_on_a_stack_built_to_break_it(case: str) -> None:
+    name, changes, transformations, message = BROKEN[case]
+    graph = run(config("p5-spot", **changes), validate=False, transformations=transformations)
+    violations = check(graph)
+    assert {v.policy for v in violations} == {name}, [str(v) for v in violations]
+    assert any(str(v).startswith(f"[{name}] {message}") for v in violations), [str(v) for v in violations]
+
+
+def test_every_policy_has_a_breaking_stack() -> None:
+    assert {case[0] for case in BROKEN.values()} == set(POLICIES)
+
+
+def test_secret_patterns_catch_keys_a_careless_script_might_embed() -> None:
+    leak = "export AWS_ACCESS_KEY_ID=AKIAABCDEFGHIJKLMNOP\n-----BEGIN OPENSSH PRIVATE KEY-----\n"
+    graph = run(config("g5-inference"), transformations=[sabotage(LT, lambda p: p.update(
+        user_data=pulumi.Output.from_input(p["user_data"]).apply(
+            lambda b64: base64.b64encode(base64.b64decode(b64) + leak.encode()).decode())))])
+    (violation,) = check(graph)
+    assert str(violation) == ("[secrets] g5-inference-g5: user data contains an AWS access key id, a private key; "
+                              "keep secrets in SSM Parameter Store (SecureString) and fetch them at boot with the "
+                              "instance role")
