@@ -31,13 +31,14 @@ app.command("plan")(plan_command)
 
 @app.command("demo")
 def demo(steps: int | None = typer.Option(None, help="override the pretraining steps (default: the recipe's)"),
-         keep_serving: bool = typer.Option(False, help="leave the endpoint running at the end")) -> None:
+         keep_serving: bool = typer.Option(False, help="leave the endpoint running at the end"),
+         port: int = typer.Option(8000, help="HTTP port of the endpoint on 127.0.0.1")) -> None:
     """Run the whole path on this machine: data, pretrain, LoRA fine-tune, register, promote, serve."""
     import sys
 
     from privlm.demo import run_demo
 
-    sys.exit(run_demo(pretrain_steps=steps, keep_serving=keep_serving))
+    sys.exit(run_demo(pretrain_steps=steps, keep_serving=keep_serving, port=port))
 
 
 @app.command("doctor")

@@ -10,15 +10,17 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from jobs.files import atomic_write_text
 from jobs.recipe import Recipe, load_recipe
 from jobs.train.distributed import REPO_ROOT
 
 PRETRAIN = REPO_ROOT / "recipes" / "tiny-cpu.yaml"
 FINETUNE = REPO_ROOT / "recipes" / "tiny-cpu-lora.yaml"
+DEMO_SUMMARY = Path("runs/demo-summary.json")
 COST_SCENARIO = REPO_ROOT / "recipes" / "cost" / "h100-buy-vs-p5-rent.yaml"
 
 
-def run_demo(pretrain_steps: int | None = None, keep_serving: bool = False) -> int:
+def run_demo(pretrain_steps: int | None = None, keep_serving: bool = False, port: int = 8000) -> int:
     """Run each station in order and print where the model is and what each step cost in time."""
     from jobs.data.pipeline import prepare_data
     from jobs.launch.submit import default_executor, follow, submit_training
@@ -59,15 +61,20 @@ def run_demo(pretrain_steps: int | None = None, keep_serving: bool = False) -> i
 
     console.rule("serve: the champion, int8, OpenAI-compatible (Ray Serve)")
     t0 = time.perf_counter()
-    answer = serve_and_ask(console, keep_serving)
+    answer, completion = serve_and_ask(console, keep_serving, port)
     timings.append(("serve: Ray Serve + one completion", time.perf_counter() - t0, answer))
 
     console.rule("cost: a real-sized plan, next to what this demo measured")
     t0 = time.perf_counter()
-    verdict = cost_station(console, pretrain.run_path)
+    verdict, totals = cost_station(console, pretrain.run_path)
     timings.append(("cost: rent or buy (recipes/cost)", time.perf_counter() - t0, verdict))
 
     _print_summary(console, timings, pretrain.run_path, finetune.run_path)
+    record = {"executor": kind, "stations": [{"station": label, "seconds": sec, "output": out}
+                                              for label, sec, out in timings],
+              "completion": completion, "cost": totals}
+    atomic_write_text(DEMO_SUMMARY, json.dumps(record, indent=1))
+    console.print(f"summary: {DEMO_SUMMARY}")
     return 0
 
 
@@ -80,7 +87,7 @@ def already_trained(recipe: Recipe) -> bool:
     return same and json.loads(summary.read_text()).get("step") == recipe.training.total_steps
 
 
-def cost_station(console: Console, run: Path) -> str:
+def cost_station(console: Console, run: Path) -> tuple[str, dict]:
     """The 7B rent-or-buy scenario's totals, with this demo's measured throughput beside the plan's assumption."""
     from cost.model import analyse, load_scenario
     from cost.report import terminal_table, verdict
@@ -97,7 +104,9 @@ def cost_station(console: Console, run: Path) -> str:
         console.print(f"this demo measured {measured['tokens_per_s']:,.0f} tokens/s at MFU {measured['mfu']:.1%} on "
                       f"this CPU; the plan assumes MFU {scenario.workload.train_mfu:.0%} on H100 "
                       f"(calibrate it with `privlm cost run RUN_ID` on a real cluster run)")
-    return f"{labels[result['cheaper']]} is cheaper over {result['years']} years ({COST_SCENARIO.name})"
+    totals = {"scenario": result["scenario"], "years": result["years"], "totals": result["totals"],
+              "cheaper": result["cheaper"], "break_even_month": result["break_even_month"], "measured": measured}
+    return f"{labels[result['cheaper']]} is cheaper over {result['years']} years ({COST_SCENARIO.name})", totals
 
 
 def _measured_throughput(run: Path) -> dict[str, float] | None:
@@ -114,7 +123,7 @@ def _measured_throughput(run: Path) -> dict[str, float] | None:
             "mfu": statistics.median(r["mfu"] for r in records)}
 
 
-def serve_and_ask(console: Console, keep_serving: bool, port: int = 8000) -> str:
+def serve_and_ask(console: Console, keep_serving: bool, port: int = 8000) -> tuple[str, dict]:
     """Serve models:/privlm-tiny@champion and ask it for one completion over HTTP."""
     import os
 
@@ -141,9 +150,9 @@ def serve_and_ask(console: Console, keep_serving: bool, port: int = 8000) -> str
             console.print(f"serving on http://127.0.0.1:{port}/v1 until Ctrl-C")
             while True:
                 time.sleep(3600)
-        return f"{version}: {text.strip()[:40]!r}"
+        return f"{version}: {text.strip()[:40]!r}", reply.json()
     except KeyboardInterrupt:
-        return "stopped"
+        return "stopped", {}
     finally:
         serve.shutdown()
         ray.shutdown()
