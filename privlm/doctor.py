@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -51,11 +52,17 @@ def check_python() -> list[Finding]:
 def check_train() -> list[Finding]:
     ext = os.environ.get("TORCH_EXTENSIONS_DIR", "")
     smi = shutil.which("nvidia-smi")
-    gpus = _run([smi, "-L"]) if smi else None
-    n = len([line for line in (gpus.stdout if gpus else "").splitlines() if line.startswith("GPU")])
-    return [Finding("train", "GPUs", True, f"{n} NVIDIA GPU(s)" if n else "none: training runs on CPU (gloo)",
-                    required=False),
-            Finding("train", "DeepSpeed op cache", True, ext or "default (~/.cache/torch_extensions)",
+    gpus = _run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"]) if smi else None
+    names = [line.strip() for line in (gpus.stdout if gpus and gpus.returncode == 0 else "").splitlines() if line]
+    gpu_detail = (f"{len(names)} x {names[0].rsplit(',', 1)[0]} (driver {names[0].rsplit(',', 1)[-1].strip()})"
+                  if names else "none: training runs on CPU (gloo)")
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    built = sorted(p.name for p in Path(ext).iterdir() if p.is_dir()) if ext and Path(ext).is_dir() else []
+    return [Finding("train", "GPUs and driver", True, gpu_detail, required=False),
+            Finding("train", "C++ compiler (DeepSpeed JIT ops)", compiler is not None, compiler or "missing",
+                    "apt-get install g++ (DeepSpeed builds its CPU Adam and shm ops on first use)"),
+            Finding("train", "DeepSpeed op cache", True,
+                    f"{ext or '~/.cache/torch_extensions'}: {', '.join(built) if built else 'nothing built yet'}",
                     "set TORCH_EXTENSIONS_DIR to keep JIT-built ops (the Makefile does)", required=False)]
 
 
