@@ -49,10 +49,19 @@ def mounts(spec: AwsSpec, facts: BootFacts) -> list[Mount]:
 def cluster_vars(spec: AwsSpec, facts: BootFacts) -> dict:
     """Inventory variables every node of the cluster shares (as infra/inventory.py renders for on-prem)."""
     shared = [m.model_dump() for m in mounts(spec, facts)]
-    partitions = [{"name": p.name, "priority_tier": p.priority_tier, "grace_time": p.grace_time_s,
-                   "default": p.default, "max_time": p.max_time} for p in spec.partitions]
+    partitions = []
+    for p in spec.partitions:
+        members = [slot for slot, group in node_slots(spec) if group.name in p.node_groups]
+        partitions.append({"name": p.name, "priority_tier": p.priority_tier, "grace_time": p.grace_time_s,
+                           "default": p.default, "max_time": p.max_time,
+                           **({"nodes": ",".join(members)} if p.node_groups else {})})
     return {"ansible_user": spec.ssh_user, "slurm_cluster_name": spec.name, "slurm_accounting": spec.accounting,
             "slurm_partitions": partitions, "shared_storage_mounts": shared}
+
+
+def node_slots(spec: AwsSpec) -> list[tuple[str, InstanceGroup]]:
+    """Slurm node names the controller knows: `<group>-<n>` for every instance a group may scale to."""
+    return [(f"{g.name}-{n}", g) for g in spec.node_groups for n in range(g.bounds[1])]
 
 
 def node_vars(group: InstanceGroup) -> dict:
@@ -70,9 +79,11 @@ def node_inventory(spec: AwsSpec, group: InstanceGroup | None, facts: BootFacts)
     local = {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3"}
     if group is None:
         exports = [{"path": m.path} for m in spec.storage if m.type == "nfs" and not m.source]
+        slots = {slot: {"ansible_host": slot, "slurm_node_name": slot, **node_vars(g)} for slot, g in node_slots(spec)}
         hosts = {HEAD: {**local, "ansible_host": "127.0.0.1",
-                        **({"shared_storage_nfs_exports": exports} if exports else {})}}
-        children = {"slurm_controller": {"hosts": {HEAD: None}}, "slurm_nodes": {"hosts": {}}}
+                        **({"shared_storage_nfs_exports": exports} if exports else {})}, **slots}
+        # the slots are only rendered into slurm.conf: the head's run is limited to itself
+        children = {"slurm_controller": {"hosts": {HEAD: None}}, "slurm_nodes": {"hosts": dict.fromkeys(slots)}}
     else:
         # the head's tasks this node delegates to (munge key) run here: the key is already in place
         hosts = {HEAD: {**local, "ansible_host": facts.head_address},

@@ -6,6 +6,7 @@ import base64
 import copy
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pulumi
@@ -13,6 +14,7 @@ import pytest
 import yaml
 from pulumi.runtime import rpc
 
+from infra.inventory import validate_inventory
 from infra.offline import FAKE_AMI, PLACEHOLDER_SECRET, Graph, Recorded, run, stack_config
 from infra.policies import POLICIES, check
 from infra.spec import AwsSpec, SpecError, parse_spec
@@ -287,3 +289,18 @@ def test_secret_patterns_catch_keys_a_careless_script_might_embed() -> None:
     assert str(violation) == ("[secrets] g5-inference-g5: user data contains an AWS access key id, a private key; "
                               "keep secrets in SSM Parameter Store (SecureString) and fetch them at boot with the "
                               "instance role")
+
+
+@pytest.mark.parametrize("stack", ["p5-spot", "g5-inference"])
+def test_node_local_inventories_in_user_data_pass_the_inventory_validation(graphs: dict[str, Graph], stack: str,
+                                                                        tmp_path: Path) -> None:
+    graph = graphs[stack]
+    for kind, token in (("head", "aws:ec2/instance:Instance"), ("node", LT)):
+        content = yaml.safe_load(user_data(graph, token))["write_files"][0]["content"]
+        (tmp_path / kind).mkdir()
+        (tmp_path / kind / "hosts.yml").write_text(content)
+        assert validate_inventory(tmp_path / kind) == [], kind
+    head = yaml.safe_load((tmp_path / "head" / "hosts.yml").read_text())["all"]
+    group = one(graph, ASG)
+    slots = list(head["children"]["slurm_nodes"]["hosts"])
+    assert len(slots) == group.inputs["maxSize"]  # the controller knows every node the group may scale to
