@@ -129,11 +129,12 @@ def test_a_job_longer_than_its_time_limit_completes_over_requeues(
     from jobs.launch.submit import submit_training
 
     submit_env(slurm_cluster)
-    rec = recipe(tmp_path, small_data, "timelimit", training={"max_steps": 500, "log_every": 10},
-                 checkpoint={"interval": 25}, slurm={"time_limit_min": 2, "signal_delay_s": 75})
+    # ~0.1 s a step here: the first 2-minute run gets its signal 60-90 s in, long before step 1200
+    rec = recipe(tmp_path, small_data, "timelimit", training={"max_steps": 1200, "log_every": 50},
+                 checkpoint={"interval": 100}, slurm={"time_limit_min": 2, "signal_delay_s": 60})
     job = submit_training(rec, "slurm")
     result = job.results()[0]
-    assert result["step"] == 500 and result["resumes"] >= 1, job.stdout()[-3000:]
+    assert result["step"] == 1200 and result["resumes"] >= 1, job.stdout()[-3000:]
     assert "timed-out" in (job.stderr() or "") + (job.stdout() or "")
 
 
