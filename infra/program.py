@@ -49,8 +49,10 @@ def build(spec: ClusterSpec, config: pulumi.Config, opts: pulumi.ResourceOptions
         from infra.onprem import AnsibleSettings, OnPremCluster
 
         inventory = config.get("inventory")
-        settings = AnsibleSettings(inventory=Path(inventory) if inventory else None,
-                                   inventory_dir=Path(config.get("inventoryDir") or AnsibleSettings.inventory_dir),
+        inventory_dir = config.get("inventoryDir")
+        settings = AnsibleSettings(inventory=Path(inventory).expanduser() if inventory else None,
+                                   inventory_dir=Path(inventory_dir).expanduser() if inventory_dir
+                                   else AnsibleSettings.inventory_dir,
                                    check=config.get_bool("ansibleCheck") or False, tags=config.get("ansibleTags"),
                                    playbook=config.get("playbook") or "site.yml")
         return OnPremCluster(spec, settings, opts=opts).outputs

@@ -1,0 +1,49 @@
+"""Pulumi.yaml and Pulumi.example.yaml: the project points at infra/, and the example documents every setting."""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+from pydantic import BaseModel
+
+from infra import spec as specs
+from infra.offline import run
+from infra.policies import check
+from infra.spec import check_spec, parse_spec
+from tests.helpers import REPO
+
+EXAMPLE = REPO / "Pulumi.example.yaml"
+
+
+def test_project_runs_infra_with_python_and_finds_the_example_stacks() -> None:
+    project = yaml.safe_load((REPO / "Pulumi.yaml").read_text())
+    assert (project["name"], project["runtime"]["name"], project["main"]) == ("privlm", "python", "infra/")
+    assert (REPO / project["main"] / "__main__.py").is_file()
+    stacks = sorted(p.name for p in (REPO / project["stackConfigDir"]).glob("Pulumi.*.yaml"))
+    assert stacks == ["Pulumi.g5-inference.yaml", "Pulumi.onprem-4node.yaml", "Pulumi.p4d-ondemand.yaml",
+                      "Pulumi.p5-spot.yaml"]
+
+
+def test_example_is_a_valid_stack_that_passes_every_policy() -> None:
+    config = yaml.safe_load(EXAMPLE.read_text())["config"]
+    assert check_spec(parse_spec(config["privlm:cluster"])) == []
+    assert check(run(config)) == []
+
+
+def models() -> list[type[BaseModel]]:
+    return [m for m in vars(specs).values()
+            if isinstance(m, type) and issubclass(m, BaseModel) and m.__module__ == specs.__name__]
+
+
+def test_example_documents_every_spec_field_and_program_setting() -> None:
+    text = EXAMPLE.read_text()
+    fields = {name for model in models() for name in model.model_fields}
+    onprem_only = {"address", "hosts", "cpus", "memory_mb"}  # in the commented on-prem spec
+    undocumented = sorted(f for f in fields if not re.search(rf"^\s*(- )?#?\s*{f}:|[{{ ]{f}:", text, re.MULTILINE))
+    assert undocumented == [], undocumented
+    assert onprem_only <= fields
+    settings = set(re.findall(r'config\.(?:get|get_bool|require_secret|require_object)\("(\w+)"\)',
+                              (REPO / "infra" / "program.py").read_text()))
+    assert settings == {"cluster", "mungeKey", "inventory", "inventoryDir", "ansibleCheck", "ansibleTags", "playbook"}
+    assert sorted(s for s in settings if f"privlm:{s}:" not in text) == []
