@@ -65,3 +65,11 @@ def test_triggers_follow_the_inventory_and_the_playbooks(tmp_path: Path) -> None
     site = copy_ / "site.yml"
     site.write_text(site.read_text() + "\n# changed\n")
     assert playbooks_digest(copy_) != playbooks_digest()
+
+
+def test_the_example_stack_is_the_example_spec() -> None:
+    from infra.spec import load_spec
+    from tests.helpers import REPO
+
+    stack = parse_spec(stack_config("onprem-4node")["privlm:cluster"])
+    assert stack == load_spec(REPO / "infra" / "examples" / "onprem-h100.yaml")

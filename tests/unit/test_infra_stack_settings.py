@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import yaml
@@ -47,3 +48,29 @@ def test_example_documents_every_spec_field_and_program_setting() -> None:
                               (REPO / "infra" / "program.py").read_text()))
     assert settings == {"cluster", "mungeKey", "inventory", "inventoryDir", "ansibleCheck", "ansibleTags", "playbook"}
     assert sorted(s for s in settings if f"privlm:{s}:" not in text) == []
+
+
+def test_the_entry_point_pulumi_runs_exports_what_the_offline_run_records() -> None:
+    """infra/__main__.py, run as `pulumi up` runs it, under the same mocks: same resources, every output exported."""
+    import runpy
+
+    import pulumi
+    from pulumi.runtime import mocks
+    from pulumi.runtime.settings import get_root_resource
+    from pulumi.runtime.stack import run_pulumi_func
+    from pulumi.runtime.sync_await import _sync_await
+
+    from infra.offline import RecordingMocks, stack_config
+
+    config = stack_config("p4d-ondemand")
+    offline = run(config)
+    recorder = RecordingMocks()
+    pulumi.runtime.set_all_config({"privlm:cluster": json.dumps(config["privlm:cluster"]), "privlm:mungeKey": "k"},
+                                  secret_keys=["privlm:mungeKey"])
+    mocks.set_mocks(type("M", (pulumi.runtime.Mocks,), {"new_resource": lambda _, a: recorder.new_resource(a),
+                                                        "call": lambda _, a: recorder.call(a)})(),
+                    project="privlm", stack="p4d-ondemand", preview=False)
+    _sync_await(run_pulumi_func(lambda: runpy.run_path(str(REPO / "infra" / "__main__.py"), run_name="__main__")))
+    assert sorted((r.type, r.name) for r in recorder.recorded) == sorted((r.type, r.name) for r in offline.resources)
+    assert set(get_root_resource().outputs) == set(offline.outputs) >= {"head_address", "partitions", "bucket",
+                                                                         "fsx_mount_name", "cluster_spec"}
