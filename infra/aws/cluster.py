@@ -8,7 +8,7 @@ import pulumi
 import pulumi_aws as aws
 import yaml
 
-from infra.aws.bootstrap import BootFacts, mounts, user_data
+from infra.aws.bootstrap import HEAD, NODE_NAME_SCRIPT, BootFacts, cluster_inventory, content_key, mounts, user_data
 from infra.aws.compute import Compute
 from infra.aws.iam import Identity
 from infra.aws.network import Network
@@ -39,32 +39,39 @@ class AwsCluster(pulumi.ComponentResource):
         self.network = Network(spec.name, spec, opts=child)
         self.storage = Storage(spec.name, spec, self.network.private_subnet.id, self.network.cluster_group.id,
                                opts=child)
-        self.identity = Identity(spec.name, spec, self.storage.bucket.arn, munge_key, opts=child)
+        self.identity = Identity(spec.name, spec, self.storage.bucket.arn, self.network.zone.arn, munge_key,
+                                 opts=child)
         lustre = self.storage.lustre
+        facts = pulumi.Output.all(
+            self.storage.bucket.bucket, self.identity.munge_key.name, self.network.zone.zone_id,
+            lustre.dns_name if lustre else "", lustre.mount_name if lustre else "").apply(
+                lambda v: BootFacts(bucket=v[0], playbooks_key=self.storage.playbooks_key, munge_parameter=v[1],
+                                    zone_id=v[2], zone_name=self.network.zone_name, lustre_dns=v[3],
+                                    lustre_mount_name=v[4]))
+        inventory = facts.apply(lambda f: cluster_inventory(spec, f))
+        inventory_key = inventory.apply(lambda text: content_key("inventory", text, ".yml"))
+        node_name_key = content_key("node-name", NODE_NAME_SCRIPT.read_bytes(), ".py")
+        uploads = [self.storage.upload("inventory", inventory_key, content=inventory),
+                   self.storage.upload("node-name", node_name_key, source=pulumi.FileAsset(str(NODE_NAME_SCRIPT)))]
 
-        def facts(head_address: pulumi.Input[str]) -> pulumi.Output[BootFacts]:
-            return pulumi.Output.all(
-                self.storage.bucket.bucket, self.identity.munge_key.name, head_address,
-                lustre.dns_name if lustre else "", lustre.mount_name if lustre else "").apply(
-                    lambda v: BootFacts(bucket=v[0], playbooks_key=self.storage.playbooks_key, munge_parameter=v[1],
-                                        head_address=v[2], lustre_dns=v[3], lustre_mount_name=v[4]))
-
-        def boot(group: InstanceGroup | None, head_address: pulumi.Input[str]) -> pulumi.Output[str]:
-            return facts(head_address).apply(lambda f: user_data(spec, group, f))
+        def boot(group: InstanceGroup | None) -> pulumi.Output[str]:
+            return pulumi.Output.all(facts, inventory_key).apply(
+                lambda v: user_data(spec, group, v[0], v[1], node_name_key))
 
         self.compute = Compute(
             spec.name, spec, ami=ami, public_subnet_id=self.network.public_subnet.id,
             private_subnet_ids={zone: s.id for zone, s in self.network.private_subnets.items()},
-            cluster_group_id=self.network.cluster_group.id,
-            head_group_id=self.network.head_group.id, instance_profile=self.identity.profile, user_data=boot,
-            opts=child)
+            cluster_group_id=self.network.cluster_group.id, head_group_id=self.network.head_group.id,
+            instance_profile=self.identity.profile, user_data=boot,
+            opts=pulumi.ResourceOptions(parent=self, providers={"aws": provider}, depends_on=uploads))
         self.outputs: dict[str, Any] = {
             "head_address": self.compute.head.public_ip,
             "head_private_address": self.compute.head.private_ip,
+            "head_name": f"{HEAD}.{self.network.zone_name}",
             "partitions": [p.name for p in spec.partitions],
             "bucket": self.storage.bucket.bucket,
             "fsx_dns_name": lustre.dns_name if lustre else None,
             "fsx_mount_name": lustre.mount_name if lustre else None,
-            "cluster_spec": facts(self.compute.head.private_ip).apply(lambda f: rendered_spec(spec, f)),
+            "cluster_spec": facts.apply(lambda f: rendered_spec(spec, f)),
         }
         self.register_outputs(self.outputs)

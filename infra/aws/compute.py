@@ -12,8 +12,8 @@ from infra.hardware import instance_types
 from infra.spec import AwsSpec, InstanceGroup
 
 ROOT_DEVICE = "/dev/sda1"  # Ubuntu AMIs, the Deep Learning AMIs included
-# Renders a node's user data: (node group, or None for the head; the head's private address) -> cloud-init
-UserData = Callable[[InstanceGroup | None, pulumi.Input[str]], pulumi.Output[str]]
+# Renders a node's cloud-init user data: node group, or None for the head
+UserData = Callable[[InstanceGroup | None], pulumi.Output[str]]
 
 
 def efa_interfaces(group: InstanceGroup, security_group_id: pulumi.Input[str]) -> list:
@@ -59,7 +59,7 @@ class Compute(pulumi.ComponentResource):
         self.head = aws.ec2.Instance(
             f"{name}-head", ami=ami, instance_type=spec.head.instance_type, subnet_id=public_subnet_id,
             vpc_security_group_ids=[head_group_id, cluster_group_id], associate_public_ip_address=True,
-            iam_instance_profile=instance_profile.name, key_name=spec.key_name, user_data=user_data(None, "127.0.0.1"),
+            iam_instance_profile=instance_profile.name, key_name=spec.key_name, user_data=user_data(None),
             metadata_options=aws.ec2.InstanceMetadataOptionsArgs(http_tokens="required", http_endpoint="enabled"),
             root_block_device=aws.ec2.InstanceRootBlockDeviceArgs(volume_size=spec.head.root_volume_gib,
                                                                   volume_type="gp3", encrypted=True,
@@ -77,7 +77,7 @@ class Compute(pulumi.ComponentResource):
                     device_name=ROOT_DEVICE, ebs=aws.ec2.LaunchTemplateBlockDeviceMappingEbsArgs(
                         volume_size=group.root_volume_gib, volume_type="gp3", encrypted="true",
                         delete_on_termination="true"))],
-                user_data=user_data(group, self.head.private_ip).apply(
+                user_data=user_data(group).apply(
                     lambda text: base64.b64encode(text.encode()).decode()),
                 tag_specifications=[aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type=kind,
                                                                                tags=tags(group.name))

@@ -1,4 +1,4 @@
-"""What the cluster's instances may do, and no more: their bucket, their log group and metrics, SSM."""
+"""What the cluster's instances may do, and no more: their bucket, logs and metrics, munge key, DNS names, SSM."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ SESSION_MANAGER = ["ssm:UpdateInstanceInformation", "ssmmessages:CreateControlCh
                    "ssmmessages:CreateDataChannel", "ssmmessages:OpenControlChannel", "ssmmessages:OpenDataChannel"]
 
 
-def instance_policy(bucket_arn: str, log_group_arn: str, munge_parameter_arn: str, metrics_namespace: str) -> str:
-    """The instance role's policy document: every statement names its resources except SSM's channels."""
+def instance_policy(bucket_arn: str, log_group_arn: str, munge_parameter_arn: str, zone_arn: str,
+                    metrics_namespace: str) -> str:
+    """The instance role's policy document: every statement names its resources but three read-or-scoped ones."""
     return json.dumps({"Version": "2012-10-17", "Statement": [
         {"Sid": "ListClusterBucket", "Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": [bucket_arn]},
         {"Sid": "ClusterBucketObjects", "Effect": "Allow",
@@ -29,6 +30,10 @@ def instance_policy(bucket_arn: str, log_group_arn: str, munge_parameter_arn: st
         {"Sid": "ClusterMetrics", "Effect": "Allow", "Action": ["cloudwatch:PutMetricData"], "Resource": ["*"],
          "Condition": {"StringEquals": {"cloudwatch:namespace": metrics_namespace}}},
         {"Sid": "MungeKey", "Effect": "Allow", "Action": ["ssm:GetParameter"], "Resource": [munge_parameter_arn]},
+        {"Sid": "PublishNodeName", "Effect": "Allow", "Action": ["route53:ChangeResourceRecordSets"],
+         "Resource": [zone_arn]},
+        # node_name.py takes over the Slurm name of a terminated instance; this read takes no resource ARN
+        {"Sid": "SeeNameHolders", "Effect": "Allow", "Action": ["ec2:DescribeInstances"], "Resource": ["*"]},
         {"Sid": "SessionManager", "Effect": "Allow", "Action": SESSION_MANAGER, "Resource": ["*"]},
     ]})
 
@@ -40,8 +45,8 @@ class Identity(pulumi.ComponentResource):
     it is encrypted in the Pulumi state and in SSM, and nodes fetch it at boot with their role.
     """
 
-    def __init__(self, name: str, spec: AwsSpec, bucket_arn: pulumi.Input[str], munge_key: pulumi.Input[str],
-                 opts: pulumi.ResourceOptions | None = None) -> None:
+    def __init__(self, name: str, spec: AwsSpec, bucket_arn: pulumi.Input[str], zone_arn: pulumi.Input[str],
+                 munge_key: pulumi.Input[str], opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("privlm:aws:Identity", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         tags = spec.resource_tags
@@ -51,7 +56,7 @@ class Identity(pulumi.ComponentResource):
                                            type="SecureString", value=munge_key, tags=tags("munge-key"), opts=child)
         self.role = aws.iam.Role(f"{name}-node", assume_role_policy=ASSUME_EC2, tags=tags("node"), opts=child)
         aws.iam.RolePolicy(f"{name}-node", role=self.role.id, opts=child, policy=pulumi.Output.all(
-            bucket_arn, self.log_group.arn, self.munge_key.arn).apply(
+            bucket_arn, self.log_group.arn, self.munge_key.arn, zone_arn).apply(
                 lambda arns: instance_policy(*arns, metrics_namespace=f"privlm/{spec.name}")))
         self.profile = aws.iam.InstanceProfile(f"{name}-node", role=self.role.name, tags=tags("node"), opts=child)
         self.register_outputs({"instance_profile": self.profile.name})

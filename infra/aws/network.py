@@ -1,4 +1,4 @@
-"""The cluster's network in its one availability zone: VPC, subnets, gateways, S3 endpoint, security groups."""
+"""The cluster's network in its one availability zone: VPC, subnets, gateways, S3 endpoint, DNS, security groups."""
 
 from __future__ import annotations
 
@@ -54,6 +54,12 @@ class Network(pulumi.ComponentResource):
         aws.ec2.VpcEndpoint(f"{name}-s3", vpc_id=self.vpc.id, service_name=f"com.amazonaws.{spec.region}.s3",
                             vpc_endpoint_type="Gateway", route_table_ids=[t.id for t in tables.values()],
                             tags=tags("s3-endpoint"), opts=child)
+        # nodes publish `<slurm node name>.<zone>` here at boot (infra/aws/node_name.py); force_destroy removes
+        # those records, which Pulumi did not create, with the zone
+        self.zone_name = f"{spec.name}.privlm.internal"
+        self.zone = aws.route53.Zone(f"{name}-dns", name=self.zone_name, force_destroy=True, tags=tags("dns"),
+                                     comment=f"privlm cluster {spec.name}: Slurm node names",
+                                     vpcs=[aws.route53.ZoneVpcArgs(vpc_id=self.vpc.id)], opts=child)
         self.cluster_group = self._security_group(name, "cluster", "privlm cluster members: all traffic between "
                                                   "them (EFA, Slurm, NCCL, Lustre)", spec)
         self._rule(f"{name}-cluster-in", spec, "ingress", self.cluster_group, "-1", peer=self.cluster_group)

@@ -35,11 +35,10 @@ class Storage(pulumi.ComponentResource):
         aws.s3.BucketPublicAccessBlock(f"{name}-data", bucket=self.bucket.id, block_public_acls=True,
                                        block_public_policy=True, ignore_public_acls=True,
                                        restrict_public_buckets=True, opts=child)
+        self._name, self._spec = name, spec
         # named by content: changed playbooks are a new object, new user data and new launch template versions
         self.playbooks_key = f"bootstrap/playbooks-{playbooks_digest()}.zip"
-        aws.s3.BucketObjectv2(f"{name}-playbooks", bucket=self.bucket.id, key=self.playbooks_key,
-                              source=pulumi.FileArchive(str(PLAYBOOKS)), server_side_encryption="aws:kms",
-                              tags=tags("playbooks"), opts=child)
+        self.upload("playbooks", self.playbooks_key, source=pulumi.FileArchive(str(PLAYBOOKS)))
         self.lustre: aws.fsx.LustreFileSystem | None = None
         if spec.fsx:
             fsx = spec.fsx
@@ -57,3 +56,10 @@ class Storage(pulumi.ComponentResource):
                     auto_import_policy=aws.fsx.DataRepositoryAssociationS3AutoImportPolicyArgs(events=events),
                     auto_export_policy=aws.fsx.DataRepositoryAssociationS3AutoExportPolicyArgs(events=events)))
         self.register_outputs({"bucket": self.bucket.bucket})
+
+    def upload(self, kind: str, key: pulumi.Input[str], content: pulumi.Input[str] | None = None,
+               source: pulumi.Asset | pulumi.Archive | None = None) -> aws.s3.BucketObjectv2:
+        """Put a bootstrap object (playbooks, inventory, script) into the bucket, KMS-encrypted and tagged."""
+        return aws.s3.BucketObjectv2(f"{self._name}-{kind}", bucket=self.bucket.id, key=key, content=content,
+                                     source=source, server_side_encryption="aws:kms",
+                                     tags=self._spec.resource_tags(kind), opts=pulumi.ResourceOptions(parent=self))

@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from infra.cli import infra_app
-from infra.offline import stack_config
+from infra.offline import run, stack_config
 from tests.helpers import REPO
 
 runner = CliRunner()
@@ -21,7 +21,8 @@ def test_check_runs_the_program_offline_and_reports_each_policy() -> None:
     assert result.exit_code == 0, result.output
     assert "0 violations of 7 policies (placement, efa, security-groups, encryption, imdsv2, secrets, tags)" \
         in result.output
-    assert "33 resources (1 autoscaling/group," in result.output
+    graph = run(stack_config("p5-spot"))
+    assert f"{graph.count()} resources (1 autoscaling/group, 1 cloudwatch/logGroup," in result.output
 
 
 def test_check_refuses_a_spec_with_errors_before_creating_anything(tmp_path: Path) -> None:

@@ -127,7 +127,7 @@ def test_bucket_is_versioned_encrypted_private_and_linked_to_lustre(graphs: dict
     link = one(graph, "aws:fsx/dataRepositoryAssociation:DataRepositoryAssociation").inputs
     assert link["dataRepositoryPath"] == "s3://p5-spot-data-0001" and link["fileSystemId"] == "p5-spot-lustre-id"
     assert link["s3"]["autoExportPolicy"]["events"] == ["NEW", "CHANGED", "DELETED"]
-    playbooks = one(graph, "aws:s3/bucketObjectv2:BucketObjectv2").inputs
+    playbooks = bootstrap_object(graph, "playbooks").inputs
     assert playbooks["key"].startswith("bootstrap/playbooks-") and playbooks["bucket"] == bucket.id
 
 
@@ -139,28 +139,63 @@ def test_instance_role_gets_only_its_bucket_logs_and_munge_key(graphs: dict[str,
     assert statements["MungeKey"]["Resource"] == ["arn:aws:ssm:us-east-1:123456789012:p5-spot-munge-key"]
     assert statements["ClusterMetrics"]["Condition"] == {"StringEquals": {"cloudwatch:namespace": "privlm/p5-spot"}}
     wildcard = [sid for sid, s in statements.items() if "*" in s["Resource"]]
-    assert wildcard == ["ClusterMetrics", "SessionManager"]  # actions that take no resource ARN
+    assert wildcard == ["ClusterMetrics", "SeeNameHolders", "SessionManager"]  # scoped by condition, or no ARN
     assert not any(a.endswith(":*") or a == "*" for s in statements.values() for a in s["Action"])
     parameter = one(graph, "aws:ssm/parameter:Parameter").inputs
     assert (parameter["type"], parameter["value"]) == ("SecureString", secret(MUNGE))  # a secret in the state too
 
 
-def test_user_data_mounts_lustre_fetches_the_key_from_ssm_and_holds_no_secret(graphs: dict[str, Graph]) -> None:
+def bootstrap_object(graph: Graph, kind: str) -> Recorded:
+    (found,) = [r for r in graph.of_type("aws:s3/bucketObjectv2:BucketObjectv2") if r.name.endswith(f"-{kind}")]
+    return found
+
+
+def test_user_data_fetches_key_and_inventory_claims_a_name_and_holds_no_secret(graphs: dict[str, Graph]) -> None:
     graph = graphs["p5-spot"]
-    node, head = user_data(graph, LT), user_data(graph, "aws:ec2/instance:Instance")
-    for text in (node, head):
+    inventory_key = bootstrap_object(graph, "inventory").inputs["key"]
+    scripts = {}
+    for kind, token in (("node", LT), ("head", "aws:ec2/instance:Instance")):
+        text = user_data(graph, token)
         assert text.startswith("#cloud-config\n") and MUNGE not in text
-        cloud = yaml.safe_load(text)
-        inventory = yaml.safe_load(cloud["write_files"][0]["content"])
-        assert inventory["all"]["vars"]["shared_storage_mounts"] == [
-            {"path": "/fsx", "type": "lustre", "source": "fs-0abc.fsx.p5-spot-lustre.amazonaws.com@tcp:/abcdefgh"}]
-        script = cloud["runcmd"][0][2]
+        scripts[kind] = script = yaml.safe_load(text)["runcmd"][0][2]
         assert "aws ssm get-parameter --region us-east-1 --name /privlm/p5-spot/munge-key --with-decryption" in script
-        assert "site.yml" in script
-    node_inventory = yaml.safe_load(yaml.safe_load(node)["write_files"][0]["content"])["all"]
-    assert node_inventory["hosts"]["head"]["ansible_host"] == "10.42.0.10"  # the head's private address
-    assert node_inventory["hosts"]["localhost"]["slurm_gpus"] == 8
-    assert node_inventory["children"]["slurm_nodes"]["hosts"] == {"localhost": None}
+        assert f"s3://p5-spot-data-0001/{inventory_key} /opt/privlm/hosts.yml" in script  # one inventory for all
+        assert "--zone-name p5-spot.privlm.internal" in script
+        assert script.rstrip().endswith('site.yml --limit "$name"')
+    assert "--names p5-0,p5-1,p5-2,p5-3 " in scripts["node"] and "--names head " in scripts["head"]
+
+
+def test_dns_zone_is_private_to_the_vpc_and_nodes_may_change_only_its_records(graphs: dict[str, Graph]) -> None:
+    graph = graphs["p5-spot"]
+    zone = one(graph, "aws:route53/zone:Zone")
+    assert zone.inputs["name"] == "p5-spot.privlm.internal"
+    assert zone.inputs["vpcs"] == [{"vpcId": one(graph, "aws:ec2/vpc:Vpc").id}]
+    statements = {s["Sid"]: s for s in json.loads(one(graph, "aws:iam/rolePolicy:RolePolicy").inputs["policy"])[
+        "Statement"]}
+    assert statements["PublishNodeName"]["Resource"] == ["arn:aws:route53:us-east-1:123456789012:p5-spot-dns"]
+
+
+@pytest.mark.parametrize("stack", ["p5-spot", "g5-inference"])
+def test_the_cluster_inventory_passes_the_inventory_validation(graphs: dict[str, Graph], stack: str,
+                                                               tmp_path: Path) -> None:
+    graph = graphs[stack]
+    (tmp_path / "hosts.yml").write_text(bootstrap_object(graph, "inventory").inputs["content"])
+    assert validate_inventory(tmp_path) == []
+    inventory = yaml.safe_load((tmp_path / "hosts.yml").read_text())["all"]
+    slots = list(inventory["children"]["slurm_nodes"]["hosts"])
+    assert len(slots) == one(graph, ASG).inputs["maxSize"]  # the controller knows every node the group may reach
+    assert {h["ansible_host"] for h in inventory["hosts"].values()} == {
+        f"{name}.{stack}.privlm.internal" for name in ["head", *slots]}
+
+
+def test_p5_nodes_get_8_h100_and_lustre_in_the_inventory(graphs: dict[str, Graph]) -> None:
+    inventory = yaml.safe_load(bootstrap_object(graphs["p5-spot"], "inventory").inputs["content"])["all"]
+    assert {k: inventory["hosts"]["p5-3"][k] for k in ("slurm_node_name", "slurm_gpus", "slurm_gpu_type",
+                                                       "slurm_cpus")} == {"slurm_node_name": "p5-3",
+                                                                          "slurm_gpus": 8, "slurm_gpu_type": "h100",
+                                                                          "slurm_cpus": 192}
+    assert inventory["vars"]["shared_storage_mounts"] == [
+        {"path": "/fsx", "type": "lustre", "source": "fs-0abc.fsx.p5-spot-lustre.amazonaws.com@tcp:/abcdefgh"}]
 
 
 def test_outputs_and_the_rendered_spec_round_trip(graphs: dict[str, Graph]) -> None:
@@ -172,7 +207,7 @@ def test_outputs_and_the_rendered_spec_round_trip(graphs: dict[str, Graph]) -> N
     assert isinstance(spec, AwsSpec) and spec.node_groups[0].instance_type == "p5.48xlarge"
     assert [(m.path, m.type) for m in spec.storage] == [("/fsx", "lustre")]
     nfs = parse_spec(yaml.safe_load(graphs["g5-inference"].outputs["cluster_spec"]))
-    assert [m.source for m in nfs.storage] == ["10.42.0.10:/shared"]
+    assert [m.source for m in nfs.storage] == ["head.g5-inference.privlm.internal:/shared"]
 
 
 def test_spec_errors_stop_the_program_before_any_resource() -> None:
@@ -290,17 +325,3 @@ def test_secret_patterns_catch_keys_a_careless_script_might_embed() -> None:
                               "keep secrets in SSM Parameter Store (SecureString) and fetch them at boot with the "
                               "instance role")
 
-
-@pytest.mark.parametrize("stack", ["p5-spot", "g5-inference"])
-def test_node_local_inventories_in_user_data_pass_the_inventory_validation(graphs: dict[str, Graph], stack: str,
-                                                                        tmp_path: Path) -> None:
-    graph = graphs[stack]
-    for kind, token in (("head", "aws:ec2/instance:Instance"), ("node", LT)):
-        content = yaml.safe_load(user_data(graph, token))["write_files"][0]["content"]
-        (tmp_path / kind).mkdir()
-        (tmp_path / kind / "hosts.yml").write_text(content)
-        assert validate_inventory(tmp_path / kind) == [], kind
-    head = yaml.safe_load((tmp_path / "head" / "hosts.yml").read_text())["all"]
-    group = one(graph, ASG)
-    slots = list(head["children"]["slurm_nodes"]["hosts"])
-    assert len(slots) == group.inputs["maxSize"]  # the controller knows every node the group may scale to
