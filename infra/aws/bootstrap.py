@@ -110,10 +110,11 @@ def boot_script(spec: AwsSpec, group: InstanceGroup | None, facts: BootFacts, in
         'imds() { t=$(curl -sX PUT http://169.254.169.254/latest/api/token '
         '-H "X-aws-ec2-metadata-token-ttl-seconds: 300"); '
         'curl -s -H "X-aws-ec2-metadata-token: $t" "http://169.254.169.254/latest/meta-data/$1"; }',
-        "install -d -m 0700 /etc/munge",
+        # the cluster's munge key replaces the one the package generates, before the munge role reads it
+        "DEBIAN_FRONTEND=noninteractive apt-get install -y -q munge",
         f"aws ssm get-parameter --region {q(spec.region)} --name {q(facts.munge_parameter)} --with-decryption "
-        f"--query Parameter.Value --output text | base64 -d > {MUNGE_KEY}",
-        f"chmod 0400 {MUNGE_KEY}",
+        f"--query Parameter.Value --output text | base64 -d > {MUNGE_KEY}.new",
+        f"install -o munge -g munge -m 0400 {MUNGE_KEY}.new {MUNGE_KEY} && rm {MUNGE_KEY}.new",
         f"python3 -m venv {WORK}/ansible",
         f"{WORK}/ansible/bin/pip install -q 'ansible-core>=2.17,<2.20' boto3",
         f"{s3}/{facts.playbooks_key} {WORK}/playbooks.zip && unzip -oq {WORK}/playbooks.zip -d {WORK}/playbooks",

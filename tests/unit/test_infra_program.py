@@ -325,3 +325,13 @@ def test_secret_patterns_catch_keys_a_careless_script_might_embed() -> None:
                               "keep secrets in SSM Parameter Store (SecureString) and fetch them at boot with the "
                               "instance role")
 
+
+
+@pytest.mark.parametrize("stack", AWS_STACKS)
+def test_boot_scripts_are_valid_bash(graphs: dict[str, Graph], stack: str) -> None:
+    import subprocess
+
+    for token in (LT, "aws:ec2/instance:Instance"):
+        script = yaml.safe_load(user_data(graphs[stack], token))["runcmd"][0][2]
+        check = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
