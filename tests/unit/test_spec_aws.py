@@ -40,10 +40,11 @@ def test_the_base_spec_has_no_findings() -> None:
 
 RULES = {
     "EFA on a type without EFA": (
-        group(instance_type="g5.12xlarge", capacity={"type": "on-demand"}),
+        group(instance_type="g6e.xlarge", capacity={"type": "on-demand"}),
         Finding("error", "node_groups.0.fabric",
-                "fabric 'efa' but g5.12xlarge has no EFA interface; use an EFA type (g5.48xlarge, g6e.48xlarge, "
-                "p4d.24xlarge, p4de.24xlarge, p5.48xlarge, p5e.48xlarge, p5en.48xlarge) or set fabric: ethernet")),
+                "fabric 'efa' but g6e.xlarge has no EFA interface; use an EFA type (g5.12xlarge, g5.48xlarge, "
+                "g6e.48xlarge, p4d.24xlarge, p4de.24xlarge, p5.48xlarge, p5e.48xlarge, p5en.48xlarge) "
+                "or set fabric: ethernet")),
     "GPU type without capacity in the region": (
         lambda d: d.update(region="eu-west-1", availability_zone="eu-west-1a"),
         Finding("error", "node_groups.0.instance_type",
@@ -173,6 +174,23 @@ def test_catalog_rows_have_a_source_and_a_date_and_regions_name_known_types() ->
     with open(CATALOG / "regions.csv", newline="") as fh:
         regions = list(csv.DictReader(fh))
     assert {r["instance_type"] for r in regions} == set(instance_types())
-    p5 = instance_types()["p5.48xlarge"]
-    assert (p5.gpus, p5.efa_interfaces, p5.network_cards) == (8, 32, 32)  # moto's describe_instance_types agrees
-    assert instance_types()["p4d.24xlarge"].network_cards == 4
+
+
+def test_catalog_agrees_with_ec2_describe_instance_types(monkeypatch: pytest.MonkeyPatch) -> None:
+    """moto ships AWS's own DescribeInstanceTypes data: vCPUs, memory, network cards, EFA, GPU count and model."""
+    import boto3
+    from moto import mock_aws
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(var, "testing")
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name="us-east-1")
+        described = {d["InstanceType"]: d for d in ec2.describe_instance_types(
+            InstanceTypes=sorted(instance_types()))["InstanceTypes"]}
+    for name, itype in instance_types().items():
+        d = described[name]
+        gpu = d["GpuInfo"]["Gpus"][0]
+        assert (itype.vcpus, itype.memory_gib, itype.network_cards, itype.efa_interfaces, itype.gpus) == (
+            d["VCpuInfo"]["DefaultVCpus"], d["MemoryInfo"]["SizeInMiB"] / 1024, d["NetworkInfo"]["MaximumNetworkCards"],
+            d["NetworkInfo"].get("EfaInfo", {}).get("MaximumEfaInterfaces", 0), gpu["Count"]), name
+        assert itype.gpu.split("-")[0] == gpu["Name"], name
