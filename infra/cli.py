@@ -99,13 +99,15 @@ def check_cmd(stack: str = typer.Argument(..., help=STACK_HELP)) -> None:
     """Run the Pulumi program offline (SDK mocks) and check the policies on its resources; exit 1 on a violation."""
     from infra.offline import resource_types, run, stack_config
     from infra.policies import POLICIES, check
-    from infra.spec import SpecError
+    from infra.spec import SpecError, check_spec, parse_spec
 
     try:
         graph = run(stack_config(stack), stack=Path(stack).stem.removeprefix("Pulumi."))
     except (SpecError, FileNotFoundError) as exc:
         typer.secho(f"{stack}: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
+    for finding in check_spec(parse_spec(stack_config(stack)["privlm:cluster"])):  # errors stopped run() already
+        typer.secho(str(finding), fg="yellow")
     violations = check(graph)
     for violation in violations:
         typer.secho(str(violation), fg="red")

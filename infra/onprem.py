@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pulumi
 import pulumi_command as command
+import yaml
 
 from infra.cluster import PLAYBOOKS, playbooks_digest
 from infra.inventory import inventory_file, write_inventory
@@ -82,5 +83,7 @@ class OnPremCluster(pulumi.ComponentResource):
             f"{spec.name}-drain", create="true", delete=drain_command(hosts, settings), dir=str(PLAYBOOKS),
             environment=environment, opts=pulumi.ResourceOptions(parent=self, depends_on=[self.configure]))
         self.outputs = {"head_address": str(spec.head.address), "partitions": [p.name for p in spec.partitions],
-                        "inventory": str(hosts), "ansible_output": self.configure.stdout}
+                        "inventory": str(hosts), "ansible_output": self.configure.stdout,
+                        "cluster_spec": yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True),
+                                                       sort_keys=False)}
         self.register_outputs(self.outputs)

@@ -37,14 +37,16 @@ def test_check_refuses_a_spec_with_errors_before_creating_anything(tmp_path: Pat
     assert validate.exit_code == 2 and "p4d-ondemand: 1 errors, 0 warnings" in validate.output
 
 
-def test_validate_prints_warnings_and_exits_0(tmp_path: Path) -> None:
+def test_validate_and_check_print_warnings_and_exit_0(tmp_path: Path) -> None:
     config = stack_config("p5-spot")
     config["privlm:cluster"]["node_groups"][0]["capacity"]["max_price_usd_per_hour"] = 70.0
     stack = tmp_path / "Pulumi.pricey.yaml"
     stack.write_text(yaml.safe_dump({"config": config}))
-    result = runner.invoke(infra_app, ["validate", str(stack)])
-    assert result.exit_code == 0, result.output
-    assert "WARNING node_groups.0.capacity.max_price_usd_per_hour: 70.0 is above the on-demand price" in result.output
+    warning = "WARNING node_groups.0.capacity.max_price_usd_per_hour: 70.0 is above the on-demand price"
+    for command in ("validate", "check"):
+        result = runner.invoke(infra_app, [command, str(stack)])
+        assert result.exit_code == 0, result.output
+        assert warning in result.output, command
 
 
 def test_unknown_stack_names_the_known_ones() -> None:

@@ -41,6 +41,7 @@ def test_pulumi_up_renders_the_spec_inventory_and_runs_site_yml_on_it(tmp_path: 
     assert configure["update"] == configure["create"] and configure["dir"] == str(PLAYBOOKS)
     assert configure["environment"]["ANSIBLE_CONFIG"] == str(PLAYBOOKS / "ansible.cfg")
     assert graph.outputs["inventory"] == str(hosts) and graph.outputs["partitions"] == ["train", "urgent"]
+    assert parse_spec(yaml.safe_load(graph.outputs["cluster_spec"])) == spec
 
 
 def test_destroy_drains_every_node_and_up_never_does(tmp_path: Path) -> None:
