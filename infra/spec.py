@@ -280,7 +280,7 @@ FSX_THROUGHPUT = {"PERSISTENT_1": (50, 100, 200), "PERSISTENT_2": (125, 250, 500
 
 
 def check_spec(spec: ClusterSpec) -> list[Finding]:
-    """Errors and warnings of the rules below for an AWS spec, in spec order ([] for other providers)."""
+    """Errors, then warnings, of the rules below for an AWS spec ([] for other providers)."""
     if not isinstance(spec, AwsSpec):
         return []
     findings = [f for rule in AWS_RULES for f in rule(spec)]
