@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from cost.cli import cost_app, plan_command
-from infra.cli import cluster_app
+from infra.cli import cluster_app, infra_app
 from jobs.cli import data_app, jobs_app, train_app
 from mlops.cli import model_app
 from serving.cli import serve_app
@@ -23,6 +23,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(infra_app, name="infra")
 app.add_typer(model_app, name="model")
 app.add_typer(serve_app, name="serve")
 app.add_typer(cost_app, name="cost")
