@@ -139,8 +139,17 @@ class SlurmCluster:
         return [f for f in self.pidfiles() if (pid := read_pid(f)) is not None and pid not in self._preexisting]
 
     def down(self) -> list[str]:
-        """Stop, by PID, every daemon that up() started; returns their PID files."""
+        """Stop, by PID, every daemon that up() started; returns their PID files.
+
+        Jobs still queued or completing are cancelled first, and their end waited for: a step that
+        finishes after munged is gone cannot report its exit and hangs in the next session.
+        """
         stopped = self.started_pidfiles()
+        if stopped and self.slurm_conf.exists():
+            self.run("scancel", "--full", "--user", os.environ.get("USER", "root"), timeout=30)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and self.run("squeue", "-h", timeout=30).stdout.strip():
+                time.sleep(0.5)
         for pidfile in stopped:
             subprocess.run([DAEMON, "stop", pidfile], capture_output=True, timeout=30)
         return stopped

@@ -191,7 +191,8 @@ def test_bad_requests_are_refused_before_submission(
                      check=False)
         assert out.returncode == 2 and message in out.stderr, (name, out.stderr)
     assert not (tmp_path / "jobs").exists()  # nothing was submitted
-    assert slurm_cluster.run("squeue", "-h").stdout.strip() == ""
+    queued = slurm_cluster.run("squeue", "-h", "-o", "%j").stdout.split()
+    assert not set(queued) & {f"privlm-{name}" for name in cases}, queued
 
 
 def test_jobs_commands_show_state_checkpoint_and_log_then_cancel(
