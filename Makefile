@@ -34,6 +34,7 @@ bench: venv
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/goodput.py
+	$(PY) benchmarks/summary.py
 
 clean:
 	rm -rf runs data .pytest_cache .ruff_cache
