@@ -33,7 +33,8 @@ def submit_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[Slu
     """Point Slurm clients (and the jobs' environment, which sbatch exports) at a cluster."""
 
     def use(cluster: SlurmCluster) -> dict[str, str]:
-        env = {**run_env(), "SLURM_CONF": str(cluster.slurm_conf), "PRIVLM_JOBS_DIR": str(tmp_path / "jobs")}
+        env = {**run_env(), "SLURM_CONF": str(cluster.slurm_conf), "PRIVLM_JOBS_DIR": str(tmp_path / "jobs"),
+               "COLUMNS": "200"}
         for key in ("SLURM_CONF", "PRIVLM_JOBS_DIR", "MLFLOW_TRACKING_URI", "TORCH_EXTENSIONS_DIR"):
             monkeypatch.setenv(key, env[key])
         return env
@@ -212,3 +213,31 @@ def test_jobs_commands_show_state_checkpoint_and_log_then_cancel(
     assert wait_for(lambda: slurm_cluster.job_field(job_id, "JobState") in ("CANCELLED", ""), 60)
     assert job_id not in privlm("jobs", "list", env=env).stdout  # ended jobs only with --all
     assert job_id in privlm("jobs", "list", "--all", env=env).stdout
+
+
+def test_data_preparation_runs_as_an_array_then_the_global_pass(
+        slurm_cluster: SlurmCluster, small_data: Path, tmp_path: Path, submit_env) -> None:
+    import hashlib
+
+    from jobs.launch.data_array import submit_data
+    from jobs.recipe import parse_recipe
+
+    env = submit_env(slurm_cluster)
+    data = merge(SMALL, {"name": "arr", "run_dir": str(tmp_path / "arr"), "data": {"output_dir": str(tmp_path / "d")}})
+    sub = submit_data(parse_recipe(data), "slurm")
+    assert [job.job_id.split("_")[1] for job in sub.shards] == ["0", "1"]  # one array task per shard
+    script = sub.finalize.paths.submission_file.read_text()
+    assert f"--dependency=afterok:{sub.shards[0].job_id.split('_')[0]}" in script  # waits for every shard
+    report = sub.finalize.result()
+    assert report["splits"]["train"]["tokens"] > 0
+
+    def digest(folder: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.bin"))}
+
+    # the same shards, byte for byte, as the one-machine pipeline made from the same corpus and settings
+    assert digest(tmp_path / "d") == digest(small_data) and digest(small_data)
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["fingerprint"] == \
+        json.loads((small_data / "manifest.json").read_text())["fingerprint"]
+    write_recipe(tmp_path / "arr.yaml", data)
+    again = privlm("data", "submit", str(tmp_path / "arr.yaml"), "--executor", "slurm", env=env).stdout
+    assert "is up to date: nothing submitted" in again
