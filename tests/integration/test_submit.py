@@ -58,6 +58,15 @@ def step_reached(run: Path, step: int) -> bool:
     return (run / "metrics.jsonl").exists() and max(read_losses(run) or {0: 0}) >= step
 
 
+def start_and_reach(tmp_path: Path, data: Path, name: str, step: int, **extra: Any) -> tuple[Any, Path]:
+    """Submit a SMALL job to Slurm and wait until it has trained to STEP; the job and its run directory."""
+    from jobs.launch.submit import submit_training
+
+    job = submit_training(recipe(tmp_path, data, name, **extra), "slurm")
+    assert wait_for(lambda: step_reached(tmp_path / name, step), 180), job.stdout()
+    return job, tmp_path / name
+
+
 def final_loss(run: Path, step: int) -> float:
     return read_losses(run)[step]
 
@@ -92,12 +101,8 @@ def test_a_deepspeed_job_on_slurm_finishes_and_exports_its_model(reference: dict
 
 def test_preempted_by_a_higher_priority_job_checkpoints_requeues_and_matches(
         slurm_cluster: SlurmCluster, small_data: Path, tmp_path: Path, submit_env, reference: dict) -> None:
-    from jobs.launch.submit import submit_training
-
     submit_env(slurm_cluster)
-    run = tmp_path / "preempt"
-    job = submit_training(recipe(tmp_path, small_data, "preempt"), "slurm")
-    assert wait_for(lambda: step_reached(run, 12), 180), job.stdout()
+    job, run = start_and_reach(tmp_path, small_data, "preempt", 12)
     high = slurm_cluster.sbatch("-p", slurm_cluster.high_partition, "--exclusive", "-o", "/dev/null",
                                 "--wrap", "sleep 2")
     assert wait_for(lambda: int(slurm_cluster.job_field(job.job_id, "Restarts") or 0) >= 1, 90), \
@@ -112,12 +117,8 @@ def test_preempted_by_a_higher_priority_job_checkpoints_requeues_and_matches(
 
 def test_interrupt_checkpoints_requeues_and_resumes_exactly(
         slurm_cluster: SlurmCluster, small_data: Path, tmp_path: Path, submit_env, reference: dict) -> None:
-    from jobs.launch.submit import submit_training
-
     submit_env(slurm_cluster)
-    run = tmp_path / "interrupt"
-    job = submit_training(recipe(tmp_path, small_data, "interrupt"), "slurm")
-    assert wait_for(lambda: step_reached(run, 10), 180), job.stdout()
+    job, run = start_and_reach(tmp_path, small_data, "interrupt", 10)
     job._interrupt()  # submitit's simulated preemption: TERM, then its preemption signal
     result = job.results()[0]
     assert result["resumes"] == 1, job.stdout()[-3000:]
@@ -141,14 +142,10 @@ def test_a_job_longer_than_its_time_limit_completes_over_requeues(
 
 def test_a_spot_notice_checkpoints_and_requeues(
         slurm_cluster: SlurmCluster, small_data: Path, tmp_path: Path, submit_env, reference: dict) -> None:
-    from jobs.launch.submit import submit_training
-
     submit_env(slurm_cluster)
-    run = tmp_path / "spot"
     with fake_imds() as url:
-        job = submit_training(recipe(tmp_path, small_data, "spot",
-                                     spot={"watch": True, "metadata_url": url, "poll_s": 0.2}), "slurm")
-        assert wait_for(lambda: step_reached(run, 10), 180), job.stdout()
+        job, run = start_and_reach(tmp_path, small_data, "spot", 10,
+                                   spot={"watch": True, "metadata_url": url, "poll_s": 0.2})
         FakeIMDS.notices["spot/instance-action"] = {"action": "terminate", "time": "2026-11-29T12:02:00Z"}
         assert wait_for(lambda: int(slurm_cluster.job_field(job.job_id, "Restarts") or 0) >= 1, 60)
         FakeIMDS.notices.clear()  # the replacement instance gets no notice
