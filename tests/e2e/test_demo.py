@@ -32,7 +32,7 @@ def test_the_demo_goes_from_raw_text_to_a_served_promoted_model_with_its_cost(
     server.start()
     try:
         env = {**run_env(), "SLURM_CONF": str(slurm_cluster.slurm_conf), "MLFLOW_TRACKING_URI": server.uri,
-               "PRIVLM_JOBS_DIR": str(tmp_path / "jobs"), "RAY_AUTH_MODE": "disabled"}
+               "PRIVLM_JOBS_DIR": str(tmp_path / "jobs"), "RAY_AUTH_MODE": "disabled", "COLUMNS": "200"}
         work = tmp_path / "demo"
         work.mkdir()
         demo = [*PRIVLM, "demo", "--steps", "60", "--port", str(free_port())]
