@@ -126,6 +126,20 @@ def test_interrupt_checkpoints_requeues_and_resumes_exactly(
     assert int(slurm_cluster.job_field(job.job_id, "Restarts") or 0) == 1
 
 
+def test_a_plain_scontrol_requeue_loses_at_most_one_checkpoint_interval(
+        slurm_cluster: SlurmCluster, small_data: Path, tmp_path: Path, submit_env, reference: dict) -> None:
+    submit_env(slurm_cluster)
+    job, run = start_and_reach(tmp_path, small_data, "requeue", 10)
+    at_requeue = max(read_losses(run))
+    slurm_cluster.run("scontrol", "requeue", job.job_id, check=True)  # SIGTERM, KillWait, then requeued
+    result = job.results()[0]
+    starts = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+              if '"event": "start"' in line]
+    assert [s["resumed"] for s in starts] == [False, True], job.stdout()[-3000:]
+    assert starts[1]["step"] >= at_requeue - 4  # checkpoint.interval is 4 steps
+    assert result["step"] == 40 and final_loss(run, 40) == pytest.approx(reference["losses"][40], rel=1e-5)
+
+
 def test_a_job_longer_than_its_time_limit_completes_over_requeues(
         slurm_cluster: SlurmCluster, small_data: Path, tmp_path: Path, submit_env) -> None:
     from jobs.launch.submit import submit_training
