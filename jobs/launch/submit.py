@@ -97,9 +97,12 @@ class TrainJob(submitit.helpers.Checkpointable):
 
 
 def result_of(recipe: Recipe) -> dict[str, Any]:
-    """What a finished job returns: final step and loss, the exported model, how often it resumed."""
+    """What a finished job returns: final step, last logged loss (a mean over the last log interval, so after a
+    resume inside that interval it covers fewer steps), held-out loss of the exported model, resumes."""
     step, loss, resumes = _progress_of(recipe.run_path / "metrics.jsonl")
-    return {"name": recipe.name, "step": step, "loss": loss, "resumes": resumes,
+    summary = recipe.run_path / "summary.json"
+    eval_loss = json.loads(summary.read_text()).get("eval_loss") if summary.is_file() else None
+    return {"name": recipe.name, "step": step, "loss": loss, "eval_loss": eval_loss, "resumes": resumes,
             "model_dir": str((recipe.run_path / "model").resolve())}
 
 
