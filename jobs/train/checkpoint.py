@@ -150,8 +150,11 @@ class CheckpointManager:
     def staging(self) -> Path:
         return self.directory / STAGING
 
-    def save(self, engine: Any, step: int, client_state: dict[str, Any], extra_meta: dict[str, Any]) -> Path:
-        """Write, verify and publish the checkpoint for `step`; every rank must call this."""
+    def save(self, engine: Any, step: int, client_state: dict[str, Any], extra_meta: dict[str, Any],
+             rank_state: dict[str, Any] | None = None) -> Path:
+        """Write, verify and publish the checkpoint for `step`; every rank must call this.
+
+        `rank_state` is this rank's own loop state (e.g. its running loss), kept beside its RNG states."""
         started = time.perf_counter()
         tag = tag_for(step)
         staged = self.staging / tag
@@ -164,7 +167,7 @@ class CheckpointManager:
         import torch
 
         rng_file = staged / f"rng_rank{self.rank.rank:05d}.pt"
-        torch.save(capture_rng(), rng_file)
+        torch.save({**capture_rng(), "loop": rank_state or {}}, rng_file)
         _maybe_inject_fault("during_checkpoint", step, self.rank)
         barrier()
         if self.rank.is_main:
@@ -238,7 +241,7 @@ class CheckpointManager:
 
         rng = torch.load(found.path / f"rng_rank{self.rank.rank:05d}.pt", weights_only=False)
         restore_rng(rng)
-        return found, client_state or {}
+        return found, {**(client_state or {}), "rank_state": rng.get("loop", {})}
 
 
 def _maybe_inject_fault(point: str, step: int, rank: RankInfo) -> None:

@@ -104,7 +104,9 @@ def train(recipe: Recipe) -> int:
     log = progress.log if rank.is_main else log
     sampler = ResumableSampler(len(train_data), t.seed)
     per_micro = t.micro_batch_size * rank.world_size
-    loss_sum, loss_count = 0.0, 0
+    # the running loss of the current log interval: restored, so a resume inside an interval logs the same mean
+    loop = state.get("rank_state", {}) if resumed is not None else {}
+    loss_sum, loss_count = float(loop.get("loss_sum", 0.0)), int(loop.get("loss_count", 0))
 
     while step < t.total_steps:
         logging_step = (step + 1) % t.log_every == 0 or step + 1 == t.total_steps
@@ -136,7 +138,7 @@ def train(recipe: Recipe) -> int:
         signum = stop.agreed()
         if step % interval == 0 or signum or step == t.total_steps:
             manager.save(engine, step, {"step": step, "tokens": tokens_seen},
-                         _meta(recipe, step, tokens_seen))
+                         _meta(recipe, step, tokens_seen), {"loss_sum": loss_sum, "loss_count": loss_count})
             metrics.write({"event": "checkpoint", "step": step, "seconds": manager.last_save_seconds,
                            "bytes": manager.last_save_bytes})
             if tracker is not None:

@@ -146,3 +146,22 @@ def test_lora_finetune_resumes_and_merges(tmp_path: Path, small_data: Path, refe
         plain = AutoModelForCausalLM.from_pretrained(base).eval()(ids).logits
     assert torch.allclose(merged, peft, atol=1e-4)
     assert not torch.allclose(merged, plain, atol=1e-4)  # the fine-tune changed the model
+
+
+def test_a_resume_inside_a_log_interval_logs_the_uninterrupted_mean(tmp_path: Path, small_data: Path,
+                                                                     reference_run) -> None:
+    run = tmp_path / "interval"
+    data = merge(SMALL, {"name": "interval", "run_dir": str(run), "data": {"output_dir": str(small_data)},
+                         "deepspeed": {"zero_stage": 2}, "checkpoint": {"directory": str(run / "ckpt")},
+                         "training": {"log_every": 4}})
+    recipe = write_recipe(tmp_path / "interval.yaml", data)
+    proc = start_run(recipe)
+    wait_for_step(run, 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    stopped = int((run / "ckpt" / "latest").read_text().removeprefix("step-"))
+    assert stopped % 4, f"stopped at step {stopped}, on a log step: nothing to carry over"
+    privlm("train", "run", str(recipe))
+    ref = reference_run[0]
+    for step, loss in read_losses(run).items():  # each logged value is the mean of its 4 steps, resumed or not
+        assert loss == pytest.approx(sum(ref[s] for s in range(step - 3, step + 1)) / 4, rel=1e-9), step
