@@ -11,13 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -53,6 +50,7 @@ def step_seconds(run: Path) -> float:
 
 def run_job(recipe, every: float | None) -> dict:
     """Submit through the local executor; send the preemption signal to its ranks every EVERY seconds."""
+    from jobs.launch.records import find, preempt
     from jobs.launch.submit import submit_training
 
     t0 = time.perf_counter()
@@ -62,10 +60,7 @@ def run_job(recipe, every: float | None) -> dict:
     while not job.done():
         time.sleep(0.2)
         if next_at and time.perf_counter() >= next_at and metrics.exists():
-            ranks = psutil.Process(int(job.job_id)).children()
-            for rank in ranks:
-                rank.send_signal(signal.SIGUSR2)
-            preemptions += bool(ranks)
+            preemptions += bool(preempt(find(job.job_id)))  # what `privlm jobs preempt` does
             next_at += every
     wall = time.perf_counter() - t0
     result = job.results()[0]

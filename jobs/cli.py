@@ -154,6 +154,17 @@ def jobs_logs(job_id: str = typer.Argument(...), lines: int = typer.Option(40, "
     typer.echo(tail(_record(job_id), lines))
 
 
+@jobs_app.command("preempt")
+def jobs_preempt(job_id: str = typer.Argument(...)) -> None:
+    """Preempt a job as Slurm would: its ranks checkpoint, it is requeued, and it resumes (e.g. before a drain)."""
+    from jobs.launch.records import preempt
+
+    if not preempt(_record(job_id)):
+        typer.secho(f"job {job_id} has no running ranks", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    typer.echo(f"sent the preemption signal to {job_id}: it checkpoints, requeues and resumes")
+
+
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: str = typer.Argument(...)) -> None:
     """Cancel a job (its ranks write a checkpoint on the way out when Slurm's KillWait allows)."""

@@ -159,5 +159,25 @@ def cancel(rec: JobRecord) -> None:
             os.kill(int(rec.job_id), signal.SIGTERM)
 
 
+def preempt(rec: JobRecord) -> int:
+    """Send the job's ranks the preemption signal (checkpoint, requeue, resume); how many were signalled.
+
+    Slurm: `scancel --signal=USR2` reaches the job's steps (the ranks), not the batch shell. Local: the
+    controller's children, which are the ranks (the controller itself would die of the signal).
+    """
+    if rec.executor == "slurm":
+        subprocess.run(["scancel", "--signal=USR2", rec.job_id], check=True, env=_slurm_env(rec), timeout=30)
+        return 1
+    import psutil
+
+    try:
+        ranks = psutil.Process(int(rec.job_id)).children()
+    except psutil.NoSuchProcess:
+        return 0
+    for rank in ranks:
+        rank.send_signal(signal.SIGUSR2)
+    return len(ranks)
+
+
 def is_active(rec: JobRecord) -> bool:
     return str(state(rec)["state"]).split()[0] in ACTIVE

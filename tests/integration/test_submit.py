@@ -220,6 +220,9 @@ def test_jobs_commands_show_state_checkpoint_and_log_then_cancel(
                       and "last_checkpoint: None" not in s and s, 60)
     assert "state: RUNNING" in status and "[privlm] step" in status
     assert "step" in privlm("jobs", "logs", job_id, "-n", "5", env=env).stdout
+    privlm("jobs", "preempt", job_id, env=env)  # checkpoint, requeue, resume
+    assert wait_for(lambda: "resumed from" in (privlm("jobs", "logs", job_id, "-n", "400", env=env).stdout), 120)
+    assert int(slurm_cluster.job_field(job_id, "Restarts") or 0) == 1
     privlm("jobs", "cancel", job_id, env=env)
     assert wait_for(lambda: slurm_cluster.job_field(job_id, "JobState") in ("CANCELLED", ""), 60)
     assert job_id not in privlm("jobs", "list", env=env).stdout  # ended jobs only with --all
