@@ -88,7 +88,10 @@ def reference(slurm_cluster: SlurmCluster, small_data: Path, tmp_path_factory: p
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    return {"result": results[0], "losses": read_losses(tmp / "reference"), "job": job.job_id}
+    from jobs.launch.slurm import measured_step_seconds
+
+    return {"result": results[0], "losses": read_losses(tmp / "reference"), "job": job.job_id,
+            "step_s": measured_step_seconds(tmp / "reference")}
 
 
 def test_a_deepspeed_job_on_slurm_finishes_and_exports_its_model(reference: dict) -> None:
@@ -141,16 +144,18 @@ def test_a_plain_scontrol_requeue_loses_at_most_one_checkpoint_interval(
 
 
 def test_a_job_longer_than_its_time_limit_completes_over_requeues(
-        slurm_cluster: SlurmCluster, small_data: Path, tmp_path: Path, submit_env) -> None:
+        slurm_cluster: SlurmCluster, small_data: Path, tmp_path: Path, submit_env, reference: dict) -> None:
     from jobs.launch.submit import submit_training
 
     submit_env(slurm_cluster)
-    # ~0.1 s a step here: the first 2-minute run gets its signal 60-90 s in, long before step 1200
-    rec = recipe(tmp_path, small_data, "timelimit", training={"max_steps": 1200, "log_every": 50},
-                 checkpoint={"interval": 100}, slurm={"time_limit_min": 2, "signal_delay_s": 60})
+    # ~120 s of steps at the speed the reference job measured: a 2-minute run gets its signal 30-60 s in
+    # (Slurm checks limits every 30 s), so even at twice that speed the work needs a second run
+    steps = int(max(1000, round(120 / reference["step_s"], -2)))
+    rec = recipe(tmp_path, small_data, "timelimit", training={"max_steps": steps, "log_every": 50},
+                 checkpoint={"interval": 100}, slurm={"time_limit_min": 2, "signal_delay_s": 90})
     job = submit_training(rec, "slurm")
     result = job.results()[0]
-    assert result["step"] == 1200 and result["resumes"] >= 1, job.stdout()[-3000:]
+    assert result["step"] == steps and result["resumes"] >= 1, job.stdout()[-3000:]
     assert "timed-out" in (job.stderr() or "") + (job.stdout() or "")
 
 
