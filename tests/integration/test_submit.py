@@ -148,11 +148,11 @@ def test_a_job_longer_than_its_time_limit_completes_over_requeues(
     from jobs.launch.submit import submit_training
 
     submit_env(slurm_cluster)
-    # ~120 s of steps at the speed the reference job measured: a 2-minute run gets its signal 30-60 s in
+    # ~150 s of steps at the speed the reference job measured: a 2-minute run gets its signal 60-90 s in
     # (Slurm checks limits every 30 s), so even at twice that speed the work needs a second run
-    steps = int(max(1000, round(120 / reference["step_s"], -2)))
+    steps = int(max(1000, round(150 / reference["step_s"], -2)))
     rec = recipe(tmp_path, small_data, "timelimit", training={"max_steps": steps, "log_every": 50},
-                 checkpoint={"interval": 100}, slurm={"time_limit_min": 2, "signal_delay_s": 90})
+                 checkpoint={"interval": 100}, slurm={"time_limit_min": 2, "signal_delay_s": 60})
     job = submit_training(rec, "slurm")
     result = job.results()[0]
     assert result["step"] == steps and result["resumes"] >= 1, job.stdout()[-3000:]
