@@ -117,10 +117,20 @@ def state(rec: JobRecord) -> dict[str, Any]:
     else:
         info["state"] = _local_state(rec)
     run = Path(rec.run_dir)
-    info["resumes"] = sum(1 for line in _lines(run / "metrics.jsonl")
-                          if '"event": "start"' in line and json.loads(line).get("resumed"))
+    info["resumes"] = run_progress(run)[2]
     info["last_checkpoint"] = last_checkpoint_step(run)
     return info
+
+
+def run_progress(run_dir: Path) -> tuple[int, float | None, int]:
+    """Last logged step and loss, and how often the run resumed, from its metrics.jsonl."""
+    step, loss, resumes = 0, None, 0
+    for line in _lines(Path(run_dir) / "metrics.jsonl"):
+        record = json.loads(line)
+        if "loss" in record:
+            step, loss = record["step"], record["loss"]
+        resumes += record.get("event") == "start" and bool(record.get("resumed"))
+    return step, loss, resumes
 
 
 def last_checkpoint_step(run_dir: Path) -> int | None:
@@ -177,7 +187,3 @@ def preempt(rec: JobRecord) -> int:
     for rank in ranks:
         rank.send_signal(signal.SIGUSR2)
     return len(ranks)
-
-
-def is_active(rec: JobRecord) -> bool:
-    return str(state(rec)["state"]).split()[0] in ACTIVE

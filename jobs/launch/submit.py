@@ -23,6 +23,7 @@ from typing import Any
 
 import submitit
 
+from jobs.launch.records import run_progress
 from jobs.launch.slurm import (
     SubmitError,
     check_fits,
@@ -97,9 +98,8 @@ class TrainJob(submitit.helpers.Checkpointable):
 
 
 def result_of(recipe: Recipe) -> dict[str, Any]:
-    """What a finished job returns: final step, last logged loss (a mean over the last log interval, so after a
-    resume inside that interval it covers fewer steps), held-out loss of the exported model, resumes."""
-    step, loss, resumes = _progress_of(recipe.run_path / "metrics.jsonl")
+    """What a finished job returns: final step, last logged loss, held-out loss of the exported model, resumes."""
+    step, loss, resumes = run_progress(recipe.run_path)
     summary = recipe.run_path / "summary.json"
     eval_loss = json.loads(summary.read_text()).get("eval_loss") if summary.is_file() else None
     return {"name": recipe.name, "step": step, "loss": loss, "eval_loss": eval_loss, "resumes": resumes,
@@ -167,34 +167,21 @@ def follow(job: Any, recipe: Recipe, console: Any = None) -> list[dict[str, Any]
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = console or Console()
-    metrics = recipe.run_path / "metrics.jsonl"
     total = recipe.training.total_steps
     columns = (TextColumn(f"{recipe.name} job {job.job_id}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("train", total=total, status="queued")
         while not job.done():
-            step, loss, resumes = _progress_of(metrics)
+            step, loss, resumes = run_progress(recipe.run_path)
             status = (f"loss {loss:.3f}" if loss is not None else "starting") + (f", resumed x{resumes}"
                                                                                  if resumes else "")
             bar.update(task, completed=step, status=status)
             time.sleep(0.5)
-        step, loss, _ = _progress_of(metrics)
+        step, loss, _ = run_progress(recipe.run_path)
         bar.update(task, completed=step, status=f"loss {loss:.3f}" if loss is not None else "")
     try:
         return job.results()
     except Exception:
         console.print(f"[red]job {job.job_id} failed; its log ends with:\n" + (job.stdout() or "")[-3000:])
         raise
-
-
-def _progress_of(metrics: Path) -> tuple[int, float | None, int]:
-    """Last logged step and loss, and how often the run resumed, from metrics.jsonl."""
-    step, loss, resumes = 0, None, 0
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            record = json.loads(line)
-            if "loss" in record:
-                step, loss = record["step"], record["loss"]
-            resumes += record.get("event") == "start" and bool(record.get("resumed"))
-    return step, loss, resumes

@@ -69,7 +69,7 @@ def test_sbatch_options_pass_through_with_requeue(tmp_path: Path) -> None:
                                  "mail_type": "END"}
 
 
-def test_rank_environment_from_a_two_node_slurm_job() -> None:
+def test_rank_environment_of_a_task_in_a_two_node_job() -> None:
     env = SimpleNamespace(cluster="local", num_tasks=4, num_nodes=2, global_rank=3, local_rank=1, node=1,
                           job_id="4242", hostnames=["n1", "n2"])
     ranks = rank_environment(env)
