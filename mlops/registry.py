@@ -173,3 +173,38 @@ def load_components(model_uri: str, uri: str | None = None) -> tuple[Any, Any]:
     mlflow.set_tracking_uri(uri or tracking_uri())
     parts = mlflow.transformers.load_model(model_uri, return_type="components")
     return parts["model"], parts["tokenizer"]
+
+
+def local_model_dir(model_uri: str, uri: str | None = None, cache: Path | None = None) -> Path:
+    """A local Hugging Face directory (weights, config, tokenizer) for `models:/NAME/VERSION`, as vLLM loads it.
+
+    Versions logged with the transformers flavor keep the weights in `model/` and the tokenizer in
+    `components/tokenizer/`; other versions (quantized checkpoints, adapters) are flat directories.
+    Downloaded once per version into `cache` (default: ~/.cache/privlm/models).
+    """
+    import shutil
+
+    from mlflow.artifacts import download_artifacts
+
+    name, _, version = model_uri.removeprefix("models:/").partition("/")
+    if not version.isdigit():
+        raise RegistryError(f"{model_uri!r} is not models:/NAME/VERSION; resolve the alias first")
+    mv = get_version(name, version, uri)
+    target = (cache or Path.home() / ".cache" / "privlm" / "models") / name / f"v{version}"
+    if (target / "config.json").is_file() or (target / "adapter_config.json").is_file():
+        return target
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    fetched = Path(download_artifacts(artifact_uri=mv.source, tracking_uri=uri or tracking_uri(),
+                                      dst_path=str(staging / "download")))
+    flat = fetched / "model" if (fetched / "components").is_dir() else fetched
+    out = staging / "hf"
+    shutil.copytree(flat, out)
+    tokenizer = fetched / "components" / "tokenizer"
+    if tokenizer.is_dir():
+        for f in tokenizer.iterdir():
+            shutil.copy2(f, out / f.name)
+    shutil.rmtree(target, ignore_errors=True)
+    out.rename(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    return target
