@@ -1,21 +1,21 @@
-"""The Ray Serve application: a gateway (OpenAI API, auth, limits, filter, cache, A/B, metrics, audit)
-in front of one batched, quantized model deployment per served version (champion, optional challenger).
+"""The Ray Serve application: our OpenAI-compatible gateway (auth, rate limits, block list, cache, A/B,
+metrics, audit) in front of vLLM deployments (Ray Serve LLM), one per served base model.
 
-Requests are validated in the model replica *before* they join a batch, so one bad request never
-fails its neighbours. Overload beyond `max_queued_requests` is answered 503 with Retry-After.
-A new champion is rolled out by redeploying the `champion` deployment with the new version: Serve
-starts the new replicas, then drains the old ones, so no request fails.
+The gateway validates every request before it reaches an engine, so a bad request never costs the
+engine anything and always gets a 4xx naming the field. vLLM batches continuously; beyond an
+engine's `max_queued_requests` a request is answered 503 with Retry-After. A new champion is rolled
+out by deploying it next to the old one first (`privlm serve up --watch`), then moving the gateway.
 """
 
+from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
-import re
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,172 +24,55 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
-from serving.api import ApiError, ChatRequest, CompletionRequest, completion_response, parse, stream_chunk
-from serving.auth import KeyRing
+from serving.api import ApiError, ChatRequest, CompletionRequest, engine_request, parse
+from serving.auth import ANONYMOUS, Authenticator, Caller, env_key_hashes
+from serving.engine import Served, ServingError, group, llm_deployment, resolve, served_name, slug
+from serving.filter import BlockList
 from serving.settings import ServeSettings
 
-log = logging.getLogger("privlm.serving")
-
-
-def resolve_model(uri: str, tracking_uri: str | None) -> tuple[str, str]:
-    """(pinned URI, version label): `models:/NAME@alias` becomes `models:/NAME/N`; a path stays a path."""
-    if uri.startswith("models:/"):
-        from mlops.tracking import client
-
-        name, _, rest = uri.removeprefix("models:/").partition("@")
-        if rest:
-            version = client(tracking_uri).get_model_version_by_alias(name, rest).version
-            return f"models:/{name}/{version}", f"{name}/v{version}"
-        name, _, version = uri.removeprefix("models:/").partition("/")
-        return uri, f"{name}/v{version}"
-    path = Path(uri)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model_uri={uri!r} is neither models:/NAME@ALIAS nor a Hugging Face directory")
-    stamp = hashlib.sha256(str(sorted((f.name, f.stat().st_mtime_ns) for f in path.iterdir())).encode()).hexdigest()
-    return str(path.resolve()), f"{path.name}@{stamp[:8]}"
-
-
-def served_name(uri: str) -> str:
-    """The `model` clients ask for: the registered name, or the directory name."""
-    if uri.startswith("models:/"):
-        return re.split(r"[@/]", uri.removeprefix("models:/"))[0]
-    path = Path(uri).resolve()
-    return path.parent.name if path.name == "model" else path.name  # runs/NAME/model -> NAME
-
-
-@serve.deployment
-class ModelServer:
-    """One model version: loaded, quantized, and generating in batches on a worker thread."""
-
-    def __init__(self, settings: dict[str, Any], model_uri: str, version: str) -> None:
-        import torch
-
-        self.settings = ServeSettings.model_validate(settings)
-        torch.set_num_threads(self.settings.torch_threads)
-        self.version = version
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if self.settings.device == "auto" \
-            else self.settings.device
-        self.model, self.tokenizer, self.quant_report = self._load(model_uri)
-        self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
-        self._batched.set_max_batch_size(self.settings.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
-        log.warning("serving %s: %s", version, json.dumps(self.quant_report))
-
-    def _load(self, uri: str) -> tuple[Any, Any, dict[str, Any]]:
-        import copy
-
-        from serving.quantize import logit_deviation, model_bytes, quantize
-
-        if uri.startswith("models:/"):
-            from mlops.registry import load_components
-
-            model, tokenizer = load_components(uri, self.settings.tracking_uri)
-        else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            model, tokenizer = AutoModelForCausalLM.from_pretrained(uri), AutoTokenizer.from_pretrained(uri)
-        model = model.eval().to(self.device)
-        reference = copy.deepcopy(model)
-        before = model_bytes(model)
-        model = quantize(model, self.settings.quantization, self.device)
-        report = {"version": self.version, "quantization": self.settings.quantization, "device": self.device,
-                  "bytes_fp32": before, "bytes": model_bytes(model),
-                  **logit_deviation(reference, model, len(tokenizer), self.device)}
-        return model, tokenizer, report
-
-    def info(self) -> dict[str, Any]:
-        return {**self.quant_report, "context": self.context}
-
-    def _requests(self, payload: dict[str, Any]) -> tuple[list[Any], int]:
-        """Validate against the model (context, limits) and build one GenRequest per choice."""
-        from serving.generate import GenRequest, chat_prompt
-
-        lim = self.settings.limits
-        prompt = chat_prompt(self.tokenizer, payload["messages"]) if "messages" in payload else payload["prompt"]
-        if len(prompt) > lim.max_prompt_chars:
-            raise ApiError(400, f"prompt has {len(prompt)} characters; the limit is {lim.max_prompt_chars}",
-                           param="prompt")
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ApiError(400, "prompt has no tokens", param="prompt")
-        room = self.context - len(ids)
-        if room < 1:
-            raise ApiError(400, f"prompt is {len(ids)} tokens; this model's context is {self.context}",
-                           "context_length_exceeded", param="prompt")
-        max_tokens = payload.get("max_tokens") or min(16, room)
-        if max_tokens > min(lim.max_tokens, room):
-            raise ApiError(400, f"max_tokens={max_tokens} exceeds {min(lim.max_tokens, room)} (limit "
-                           f"{lim.max_tokens}, context room {room})", param="max_tokens")
-        if payload.get("n", 1) > lim.max_n:
-            raise ApiError(400, f"n={payload['n']} exceeds the limit {lim.max_n}", param="n")
-        seed = payload.get("seed")
-        reqs = [GenRequest(ids, max_tokens, payload.get("temperature", 1.0), payload.get("top_p", 1.0),
-                           payload.get("stop") or [], None if seed is None else seed + i)
-                for i in range(payload.get("n", 1))]
-        return reqs, len(ids)
-
-    async def complete(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """Validate, then batch: returns choices, usage, batch size and version, or an error dict."""
-        try:
-            reqs, prompt_tokens = self._requests(payload)
-        except ApiError as err:
-            return {"error": err.body(), "status": err.status}
-        results = await asyncio.gather(*(self._batched(r) for r in reqs))
-        choices = [{"text": r.text, "finish_reason": r.finish_reason} for r, _ in results]
-        completion = sum(r.tokens for r, _ in results)
-        return {"choices": choices, "version": self.version, "batch_size": max(b for _, b in results),
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                          "total_tokens": prompt_tokens + completion}}
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _batched(self, reqs: list[Any]) -> list[tuple[Any, int]]:
-        from serving.generate import generate
-
-        results = await asyncio.to_thread(generate, self.model, self.tokenizer, reqs)
-        return [(r, len(reqs)) for r in results]
-
-    async def stream(self, payload: dict[str, Any]):
-        """Token-by-token text deltas for one request (streams are not batched)."""
-        from serving.generate import Decoder, stream_tokens
-
-        try:
-            reqs, _ = self._requests({**payload, "n": 1})
-        except ApiError as err:
-            yield {"error": err.body(), "status": err.status}
-            return
-        decoder = Decoder(self.tokenizer, reqs[0])
-        steps = stream_tokens(self.model, self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, reqs)
-        while not decoder.finish:
-            step = await asyncio.to_thread(next, steps, None)
-            if step is None:
-                break
-            delta = decoder.add(step[0])
-            if delta:
-                yield {"text": delta}
-        yield {"finish_reason": decoder.finish or "length", "version": self.version, "tokens": len(decoder.tokens)}
-
+log = logging.getLogger("ray.serve")
+# vLLM fields a client of the OpenAI API does not expect; dropped from responses when empty.
+_ENGINE_EXTRAS = ("stop_reason", "token_ids", "prompt_logprobs", "prompt_token_ids", "routed_experts",
+                  "kv_transfer_params", "ec_transfer_params", "metrics", "service_tier", "reasoning_content",
+                  "reasoning", "prompt_tokens_details", "completion_tokens_details")
 
 api = FastAPI(title="privlm", docs_url=None, redoc_url=None)
 
 
-@serve.deployment(max_ongoing_requests=512)
+def _tidy(obj: Any) -> Any:
+    """Drop vLLM's extra keys when they carry nothing."""
+    if isinstance(obj, dict):
+        return {k: _tidy(v) for k, v in obj.items() if not (k in _ENGINE_EXTRAS and v in (None, [], {}))}
+    if isinstance(obj, list):
+        return [_tidy(v) for v in obj]
+    return obj
+
+
+@serve.deployment(max_ongoing_requests=1024)
 @serve.ingress(api)
 class Gateway:
     """The OpenAI-compatible front door."""
 
-    def __init__(self, settings: dict[str, Any], champion: Any, challenger: Any | None, name: str) -> None:
+    def __init__(self, settings: ServeSettings, routes: dict[str, Served], engines: dict[str, Any],
+                 name: str) -> None:
+        """`engines`: by deployment name, a bound engine (one application) or (deployment, application)."""
+        from serving.limits import RateLimiter
         from serving.metrics import ServingMetrics
 
-        self.settings = ServeSettings.model_validate(settings)
-        self.champion, self.challenger, self.name = champion, challenger, name
-        self.keys = KeyRing(self.settings.api_key_hashes, self.settings.api_keys_env)
-        self.blocked = re.compile("|".join(re.escape(w) for w in self.settings.block_list), re.I) \
-            if self.settings.block_list else None
+        self.settings, self.routes, self.name = settings, routes, name
+        self.engines = {k: (serve.get_deployment_handle(*h) if isinstance(h, tuple) else h).options(stream=True)
+                        for k, h in engines.items()}
+        self.auth = Authenticator(settings.auth)
+        self.limiter = RateLimiter(settings.rate_limit.requests_per_minute, settings.rate_limit.burst)
+        self.blocks = BlockList(settings.block_list)
         self.cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.metrics = ServingMetrics()
-        self.audit = Path(self.settings.audit_log) if self.settings.audit_log else None
+        self.audit = Path(settings.audit_log) if settings.audit_log else None
         if self.audit:
             self.audit.parent.mkdir(parents=True, exist_ok=True)
+        if settings.auth.mode == "none":
+            log.warning("privlm gateway: authentication is OFF (auth.mode: none): anyone who reaches "
+                        "%s:%s may use the model", settings.host, settings.port)
 
     # --- routes -------------------------------------------------------------------------------
     @api.get("/health")
@@ -197,17 +80,31 @@ class Gateway:
         return {"status": "ok"}
 
     @api.get("/metrics")
-    async def prometheus(self) -> PlainTextResponse:
+    async def prometheus(self, request: Request) -> Any:
+        try:
+            self._caller(request).require_metrics()
+        except ApiError as err:
+            return JSONResponse(err.body(), err.status)
         return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         try:
-            self.keys.check(request.headers.get("authorization"))
+            caller = self._caller(request)
         except ApiError as err:
             return JSONResponse(err.body(), err.status)
-        data = [{"id": self.name, "object": "model", "created": 0, "owned_by": "privlm"}]
+        data = [self._card(m) for m in self._model_ids() if caller.may_use(m)]
         return JSONResponse({"object": "list", "data": data})
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request) -> JSONResponse:
+        try:
+            caller = self._caller(request)
+            if model_id not in self._model_ids() or not caller.may_use(model_id):
+                raise ApiError(404, f"model {model_id!r} does not exist", "model_not_found", param="model")
+        except ApiError as err:
+            return JSONResponse(err.body(), err.status)
+        return JSONResponse(self._card(model_id))
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
@@ -218,64 +115,140 @@ class Gateway:
         return await self._handle(request, ChatRequest, chat=True)
 
     # --- the request path ---------------------------------------------------------------------
+    def _caller(self, request: Request) -> Caller:
+        return self.auth.check(request.headers.get("authorization"))
+
+    def _model_ids(self) -> list[str]:
+        return [self.name, *sorted(k for k in self.routes if k not in ("champion", "challenger"))]
+
+    def _card(self, model_id: str) -> dict[str, Any]:
+        served = self.routes.get(model_id, self.routes["champion"])
+        return {"id": model_id, "object": "model", "created": 0, "owned_by": "privlm",
+                "version": served.version}
+
     async def _handle(self, request: Request, kind: type, chat: bool) -> Any:
         endpoint = "chat" if chat else "completions"
-        started, key_id, version = time.perf_counter(), "-", "-"
+        started, caller, version, text = time.perf_counter(), ANONYMOUS, "-", None
         self.metrics.in_flight.inc()
         try:
-            key_id = self.keys.check(request.headers.get("authorization"))
+            caller = self._caller(request)
+            self.limiter.take(caller.id)
             req = parse(await request.body(), kind)
-            self._check_model(req.model)
-            payload = req.model_dump(exclude_none=True)
-            prompt_text = payload.get("prompt") or " ".join(m["content"] for m in payload.get("messages", []))
-            if self.blocked and self.blocked.search(prompt_text):
-                raise ApiError(400, "the prompt contains blocked content", "content_filter", param="prompt")
-            target, version = self._route(request, req)
+            served, arm = self._route(request, req, caller)
+            version, text = served.version, req.text()
+            max_tokens = self._check_limits(req)
+            body = engine_request(req, served.engine_model, max_tokens)
+            if chat and served.chat_template:
+                body["chat_template"] = served.chat_template
             if req.stream:
-                return self._stream(target, payload, chat, started, key_id, endpoint)
-            result = await self._complete(target, payload)
-            version = result["version"]
-            body = completion_response(self.name, [self._filter(c) for c in result["choices"]], result["usage"], chat)
-            self._record(endpoint, 200, version, started, key_id, result["usage"], prompt_text)
-            return JSONResponse(body, headers={"x-privlm-model-version": version})
+                return await self._stream(served, body, req, chat, started, caller, endpoint, text)
+            result = await self._complete(served, arm, body, chat)
+            self._record(endpoint, 200, version, started, caller, result.get("usage"), text)
+            return JSONResponse(result, headers={"x-privlm-model-version": version})
         except ApiError as err:
-            self._record(endpoint, err.status, version, started, key_id, None, None)
+            self._record(endpoint, err.status, version, started, caller, None, text)
             return JSONResponse(err.body(), err.status, headers=err.headers)
         finally:
             self.metrics.in_flight.dec()
 
-    def _check_model(self, model: str) -> None:
-        if model.split("@")[0] != self.name:
-            raise ApiError(404, f"model {model!r} does not exist; this endpoint serves {self.name!r}",
+    def _route(self, request: Request, req: Any, caller: Caller) -> tuple[Served, str]:
+        """The version to answer with: an adapter by name, the champion, or the challenger for the users the
+        A/B split assigns to it (stable per user id)."""
+        base, _, wants = req.model.partition("@")
+        if base != self.name and base not in self.routes:
+            raise ApiError(404, f"model {req.model!r} does not exist; this endpoint serves "
+                           f"{self._model_ids()}", "model_not_found", param="model")
+        caller.require_model(base)
+        if base != self.name:
+            return self.routes[base], base
+        if wants not in ("", "champion", "challenger"):
+            raise ApiError(404, f"model {req.model!r}: {base} has no @{wants} here (champion, challenger)",
                            "model_not_found", param="model")
-
-    def _route(self, request: Request, req: Any) -> tuple[Any, str]:
-        """Champion, or challenger for the users the A/B split assigns to it (stable per user id)."""
-        ab = self.settings.ab
-        wants = req.model.partition("@")[2]
-        if self.challenger is not None and (wants == "challenger" or (ab.enabled and not wants)):
+        challenger = self.routes.get("challenger")
+        if wants == "challenger" and challenger is None:
+            raise ApiError(404, f"{base} has no challenger deployed (ab.enabled is false)", "model_not_found",
+                           param="model")
+        if challenger is not None and wants != "champion":
+            ab = self.settings.ab
             user = request.headers.get(ab.user_header) or req.user or ""
             bucket = int.from_bytes(hashlib.sha256(user.encode()).digest()[:4], "big") / 2**32
-            if wants == "challenger" or (user and bucket < ab.challenger_share):
-                return self.challenger, "challenger"
-        return self.champion, "champion"
+            if wants == "challenger" or (ab.enabled and user and bucket < ab.challenger_share):
+                return challenger, "challenger"
+        return self.routes["champion"], "champion"
 
-    async def _complete(self, target: Any, payload: dict[str, Any]) -> dict[str, Any]:
-        cacheable = payload.get("temperature", 1.0) == 0 and self.settings.cache_size > 0
-        key = json.dumps({k: v for k, v in payload.items() if k not in ("user", "stream")}, sort_keys=True)
-        if cacheable and key in self.cache:
-            self.cache.move_to_end(key)
-            self.metrics.cache.labels("hit").inc()
-            return self.cache[key]
+    def _check_limits(self, req: Any) -> int:
+        lim = self.settings.limits
+        text = req.text()
+        if len(text) > lim.max_prompt_chars:
+            raise ApiError(400, f"the prompt has {len(text)} characters; the limit is {lim.max_prompt_chars}",
+                           param="messages" if isinstance(req, ChatRequest) else "prompt")
+        if self.blocks.matches(text):
+            raise ApiError(400, "the prompt contains blocked content", "content_filter",
+                           param="messages" if isinstance(req, ChatRequest) else "prompt")
+        if req.n > lim.max_n:
+            raise ApiError(400, f"n={req.n} exceeds the limit {lim.max_n}", param="n")
+        if isinstance(req, CompletionRequest) and len(req.prompts()) > lim.max_prompts:
+            raise ApiError(400, f"prompt lists {len(req.prompts())} prompts; the limit is {lim.max_prompts}",
+                           param="prompt")
+        wanted = req.requested_tokens()
+        field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+        if wanted is not None and wanted > lim.max_tokens:
+            raise ApiError(400, f"{field}={wanted} exceeds the limit {lim.max_tokens}", param=field)
+        return wanted or lim.default_max_tokens
+
+    async def _engine_stream(self, served: Served, body: dict[str, Any], chat: bool) -> AsyncIterator[Any]:
+        """vLLM's answer as an async iterator, the first item already awaited (errors surface here)."""
+        from pydantic import ValidationError
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest as VChat
+        from ray.serve.llm.openai_api_models import CompletionRequest as VCompletion
+
         try:
-            result = await target.complete.remote(payload)
+            vreq = (VChat if chat else VCompletion).model_validate(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            raise ApiError(400, f"{param}: {first['msg']}", param=param) from None
+        handle = self.engines[served.deployment]
+        gen = (handle.chat if chat else handle.completions).remote(vreq, None)
+        try:
+            first = await gen.__anext__()
         except BackPressureError:
             raise ApiError(503, "the model is at capacity; retry shortly", "server_overloaded",
                            headers={"Retry-After": "1"}) from None
-        if "error" in result:
-            raise ApiError(result["status"], result["error"]["error"]["message"], result["error"]["error"]["type"],
-                           result["error"]["error"]["param"])
-        self.metrics.batch_size.observe(result["batch_size"])
+        pieces = first if isinstance(first, list) else [first]
+        error = getattr(pieces[0], "error", None)
+        if error is not None:
+            status = int(error.code) if str(error.code).isdigit() else 500
+            param = getattr(error, "param", None)
+            raise ApiError(status if 400 <= status < 600 else 500, error.message,
+                           "context_length_exceeded" if "context length" in error.message else
+                           "invalid_request_error", param="prompt" if param == "input_tokens" else param)
+
+        async def chain() -> AsyncIterator[Any]:
+            for p in pieces:
+                yield p
+            async for more in gen:
+                for p in more if isinstance(more, list) else [more]:
+                    yield p
+
+        return chain()
+
+    async def _complete(self, served: Served, arm: str, body: dict[str, Any], chat: bool) -> dict[str, Any]:
+        deterministic = body.get("temperature", 1.0) == 0 or body.get("seed") is not None
+        cacheable = deterministic and self.settings.cache_size > 0
+        key = hashlib.sha256(json.dumps([served.version, arm, body], sort_keys=True).encode()).hexdigest()
+        if cacheable and key in self.cache:
+            self.cache.move_to_end(key)
+            self.metrics.cache.labels("hit").inc()
+            return {**self.cache[key], "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"}
+        stream = await self._engine_stream(served, body, chat)
+        response = None
+        async for piece in stream:
+            response = piece
+        result = _tidy(response.model_dump())
+        result["model"] = self._public_model(served)
+        for choice in result["choices"]:
+            self._scrub_choice(choice, chat)
         if cacheable:
             self.metrics.cache.labels("miss").inc()
             self.cache[key] = result
@@ -283,42 +256,79 @@ class Gateway:
                 self.cache.popitem(last=False)
         return result
 
-    def _filter(self, choice: dict[str, Any]) -> dict[str, Any]:
-        if self.blocked and self.blocked.search(choice["text"]):
-            return {"text": self.blocked.sub("", choice["text"]), "finish_reason": "content_filter"}
-        return choice
+    def _public_model(self, served: Served) -> str:
+        return next((k for k, v in self.routes.items() if v == served and k not in ("champion", "challenger")),
+                    self.name)
 
-    def _stream(self, target: Any, payload: dict[str, Any], chat: bool, started: float, key_id: str,
-                endpoint: str) -> StreamingResponse:
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    def _scrub_choice(self, choice: dict[str, Any], chat: bool) -> None:
+        holder = choice["message"] if chat else choice
+        text, hit = self.blocks.scrub(holder.get("content" if chat else "text") or "")
+        holder["content" if chat else "text"] = text
+        if hit:
+            choice["finish_reason"] = "content_filter"
 
-        async def events():
-            version, tokens = "-", 0
-            async for piece in target.options(stream=True).stream.remote(payload):
-                if "error" in piece:
-                    yield f"data: {json.dumps(piece['error'])}\n\n"
-                    self._record(endpoint, piece["status"], version, started, key_id, None, None)
-                    return
-                if "text" in piece:
-                    text = self.blocked.sub("", piece["text"]) if self.blocked else piece["text"]
-                    yield stream_chunk(rid, self.name, text, None, chat)
-                else:
-                    version, tokens = piece["version"], piece["tokens"]
-                    yield stream_chunk(rid, self.name, "", piece["finish_reason"], chat)
-            yield "data: [DONE]\n\n"
-            self._record(endpoint, 200, version, started, key_id, {"prompt_tokens": 0, "completion_tokens": tokens},
-                         None)
+    async def _stream(self, served: Served, body: dict[str, Any], req: Any, chat: bool, started: float,
+                      caller: Caller, endpoint: str, text: str) -> StreamingResponse:
+        stream = await self._engine_stream(served, body, chat)
+        want_usage = bool(req.stream_options and req.stream_options.include_usage)
+        model, version = self._public_model(served), served.version
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        async def events() -> AsyncIterator[str]:
+            scrubbers: dict[int, Any] = {}
+            usage, last, status = None, None, 200
+            try:
+                async for piece in stream:
+                    raw = piece if isinstance(piece, str) else f"data: {piece.model_dump_json()}\n\n"
+                    payload = raw.removeprefix("data: ").strip()
+                    if payload == "[DONE]":
+                        continue
+                    chunk = json.loads(payload)
+                    if "error" in chunk:
+                        status = 500
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                        continue
+                    chunk["model"] = model
+                    if chunk.get("usage") and not chunk.get("choices"):
+                        usage = chunk["usage"]
+                        if want_usage:
+                            yield f"data: {json.dumps(_tidy(chunk))}\n\n"
+                        continue
+                    chunk.pop("usage", None)
+                    now = time.perf_counter()
+                    if last is None:
+                        self.metrics.ttft.labels(version).observe(now - started)
+                    else:
+                        self.metrics.itl.labels(version).observe(now - last)
+                    last = now
+                    for choice in chunk.get("choices", []):
+                        self._scrub_delta(choice, scrubbers, chat)
+                    yield f"data: {json.dumps(_tidy(chunk))}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                self._record(endpoint, status, version, started, caller, usage, text)
 
-    def _record(self, endpoint: str, status: int, version: str, started: float, key_id: str,
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"x-privlm-model-version": version})
+
+    def _scrub_delta(self, choice: dict[str, Any], scrubbers: dict[int, Any], chat: bool) -> None:
+        scrubber = scrubbers.setdefault(choice.get("index", 0), self.blocks.stream())
+        holder, key = (choice.setdefault("delta", {}), "content") if chat else (choice, "text")
+        piece = scrubber.feed(holder.get(key) or "")
+        if choice.get("finish_reason"):
+            piece += scrubber.flush()
+            if scrubber.hit:
+                choice["finish_reason"] = "content_filter"
+        if piece or key in holder:
+            holder[key] = piece
+
+    def _record(self, endpoint: str, status: int, version: str, started: float, caller: Caller,
                 usage: dict[str, int] | None, prompt: str | None) -> None:
         """Metrics and one audit line per request (never the prompt text unless configured)."""
         seconds = time.perf_counter() - started
-        self.metrics.observe(endpoint, status, version, seconds, (usage or {}).get("completion_tokens", 0))
+        self.metrics.observe(endpoint, status, version, seconds, usage)
         if self.audit is None:
             return
-        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "key_id": key_id, "endpoint": endpoint,
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "key_id": caller.id, "endpoint": endpoint,
                 "model_version": version, "status": status, "latency_s": round(seconds, 4),
                 "prompt_tokens": (usage or {}).get("prompt_tokens"),
                 "completion_tokens": (usage or {}).get("completion_tokens")}
@@ -328,35 +338,51 @@ class Gateway:
             fh.write(json.dumps(line) + "\n")
 
 
-def model_deployment(settings: ServeSettings, role: str, uri: str, version: str) -> Any:
-    """The model deployment for one role, with replicas, autoscaling and queue bounds from the settings."""
-    options: dict[str, Any] = {"name": role, "max_ongoing_requests": settings.max_ongoing_requests,
-                               "max_queued_requests": settings.max_queued_requests,
-                               "ray_actor_options": {"num_cpus": 0}}
-    if settings.min_replicas is not None:
-        options["autoscaling_config"] = {"min_replicas": settings.min_replicas,
-                                         "max_replicas": settings.max_replicas}
-    else:
-        options["num_replicas"] = settings.num_replicas
-    return ModelServer.options(**options).bind(settings.model_dump(), uri, version)
-
-
-def build_app(args: dict[str, Any]) -> Any:
-    """The Serve application (also the `import_path` target of serving/config/privlm-serve.yaml)."""
-    settings = ServeSettings.model_validate(args)
-    # Keys from the environment of whoever deploys are hashed here: replicas never see them in plain text.
-    env_keys = KeyRing([], settings.api_keys_env).hashes
-    settings = settings.model_copy(update={"api_key_hashes": sorted(set(settings.api_key_hashes) | env_keys)})
+def prepare(args: dict[str, Any] | ServeSettings) -> ServeSettings:
+    """Validate once; fold in the deployer's keys (replicas see only hashes); refuse to start unauthenticated."""
+    settings = args if isinstance(args, ServeSettings) else ServeSettings.model_validate(args)
+    auth = settings.auth
+    hashes = sorted({h.lower() for h in auth.api_key_hashes} | env_key_hashes(auth.api_keys_env))
+    if auth.mode == "keys" and not hashes:
+        raise ServingError(f"auth.mode=keys but no API key is configured: set ${auth.api_keys_env} (comma-separated "
+                           "keys) or auth.api_key_hashes, use auth.mode: jwt, or set auth.mode: none to serve "
+                           "without authentication")
+    settings = settings.model_copy(update={"auth": auth.model_copy(update={"api_key_hashes": hashes})})
     if settings.tracking_uri is None:
         from mlops.tracking import tracking_uri
 
         settings = settings.model_copy(update={"tracking_uri": tracking_uri()})
-    uri, version = resolve_model(settings.model_uri, settings.tracking_uri)
-    champion = model_deployment(settings, "champion", uri, version)
-    challenger = None
-    if settings.ab.enabled and settings.model_uri.startswith("models:/"):
-        name = served_name(settings.model_uri)
-        c_uri, c_version = resolve_model(f"models:/{name}@challenger", settings.tracking_uri)
-        challenger = model_deployment(settings, "challenger", c_uri, c_version)
-    return Gateway.options(ray_actor_options={"num_cpus": 0}).bind(
-        settings.model_dump(), champion, challenger, served_name(settings.model_uri))
+    return settings
+
+
+def plan(settings: ServeSettings, warm: tuple[str, ...] = ()) -> tuple[dict[str, Served], list[Served]]:
+    """(routes by role or adapter id, everything to deploy): the aliases are read here, once per deploy.
+
+    `warm`: more model URIs whose engines are deployed but not routed to (a rollout's next champion).
+    """
+    routes = {"champion": resolve(settings.model_uri, settings)}
+    if settings.ab.enabled:
+        if not settings.model_uri.startswith("models:/"):
+            raise ServingError("ab.enabled needs a registered model (models:/NAME@champion) with a @challenger")
+        routes["challenger"] = resolve(f"models:/{served_name(settings.model_uri)}@challenger", settings)
+    for uri in settings.adapters:
+        served = resolve(uri, settings)
+        if served.adapter_dir is None:
+            raise ServingError(f"adapters: {uri} is not a LoRA adapter version (register one with "
+                               "`privlm model register RUN --adapter`)")
+        routes[slug(served.version)] = served
+    return routes, [*routes.values(), *(resolve(u, settings) for u in warm)]
+
+
+def build_app(args: dict[str, Any] | ServeSettings) -> Any:
+    """One Serve application holding the gateway and its engines: the `import_path` target of
+    serving/config/privlm-serve.yaml for `serve deploy`. `privlm serve up` deploys with `deploy` instead."""
+    settings = prepare(args)
+    routes, everything = plan(settings)
+    engines = {name: llm_deployment(dep, settings) for name, dep in group(everything).items()}
+    return gateway(settings, routes, engines)
+
+
+def gateway(settings: ServeSettings, routes: dict[str, Served], engines: dict[str, Any]) -> Any:
+    return Gateway.options(ray_actor_options={"num_cpus": 0}).bind(settings, routes, engines,
+                                                                    served_name(settings.model_uri))

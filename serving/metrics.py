@@ -1,33 +1,37 @@
-"""Prometheus metrics of the gateway: requests, latency, tokens, batch sizes, queue depth, cache hits."""
+"""Prometheus metrics of the gateway, labelled by model version: requests, latency, time to first
+token, inter-token latency, prompt and completion tokens, queue depth, cache hits, rate limiting."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+
 
 class ServingMetrics:
-    """One registry per gateway replica, rendered at /metrics; series are labelled by model version."""
+    """One registry per gateway replica, rendered at /metrics."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        r = self.registry = CollectorRegistry()
         self.requests = Counter("privlm_requests", "Requests by endpoint, HTTP status and model version",
-                                ["endpoint", "status", "version"], registry=self.registry)
+                                ["endpoint", "status", "version"], registry=r)
         self.latency = Histogram("privlm_request_latency_seconds", "End-to-end request latency",
-                                 ["endpoint", "version"], registry=self.registry,
-                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
-        self.tokens = Counter("privlm_tokens_generated", "Completion tokens generated", ["version"],
-                              registry=self.registry)
-        self.batch_size = Histogram("privlm_batch_size", "Requests per generation batch", registry=self.registry,
-                                    buckets=(1, 2, 4, 8, 16, 32))
-        self.in_flight = Gauge("privlm_queue_depth", "Requests in the gateway, queued or generating",
-                               registry=self.registry)
-        self.cache = Counter("privlm_cache", "Deterministic-request cache lookups", ["result"], registry=self.registry)
+                                 ["endpoint", "version"], registry=r, buckets=LATENCY_BUCKETS)
+        self.ttft = Histogram("privlm_time_to_first_token_seconds", "Time to the first streamed token",
+                              ["version"], registry=r, buckets=LATENCY_BUCKETS)
+        self.itl = Histogram("privlm_inter_token_latency_seconds", "Time between streamed chunks",
+                             ["version"], registry=r, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+        self.prompt_tokens = Counter("privlm_prompt_tokens", "Prompt tokens", ["version"], registry=r)
+        self.tokens = Counter("privlm_completion_tokens", "Completion tokens generated", ["version"], registry=r)
+        self.in_flight = Gauge("privlm_queue_depth", "Requests in the gateway, queued or generating", registry=r)
+        self.cache = Counter("privlm_cache", "Deterministic-request cache lookups", ["result"], registry=r)
 
-    def observe(self, endpoint: str, status: int, version: str, seconds: float, tokens: int) -> None:
+    def observe(self, endpoint: str, status: int, version: str, seconds: float, usage: dict | None) -> None:
         self.requests.labels(endpoint, str(status), version).inc()
         self.latency.labels(endpoint, version).observe(seconds)
-        if tokens:
-            self.tokens.labels(version).inc(tokens)
+        if usage:
+            self.prompt_tokens.labels(version).inc(usage.get("prompt_tokens") or 0)
+            self.tokens.labels(version).inc(usage.get("completion_tokens") or 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,12 +1,14 @@
-"""Serving settings: one validated object, from a Serve config file's `args` or from the CLI."""
+"""Serving settings: one validated object, from a Serve config file's `args` or from the CLI.
+
+It is validated once, at the edge (`build_app`, `privlm serve up`), and travels to the gateway and the
+engine deployments as the typed object itself.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from serving.quantize import Mode
 
 
 class Strict(BaseModel):
@@ -26,7 +28,71 @@ class Limits(Strict):
 
     max_prompt_chars: int = Field(32_000, gt=0)
     max_tokens: int = Field(256, gt=0)
+    default_max_tokens: int = Field(16, gt=0, description="when a request names no max_tokens")
     max_n: int = Field(4, gt=0)
+    max_prompts: int = Field(16, gt=0, description="entries of a list `prompt`")
+
+
+class Engine(Strict):
+    """vLLM engine options of every served version (passed to vLLM as engine_kwargs)."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: float32 on CPU (bf16 is slow without AMX), the model's dtype on GPUs")
+    max_model_len: int | None = Field(None, gt=0, description="default: the model's max_position_embeddings")
+    max_num_seqs: int = Field(64, gt=0, description="sequences vLLM batches continuously per replica")
+    kv_cache_gib: float = Field(1.0, gt=0, description="CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    gpus_per_replica: int = Field(0, ge=0, description="0 on CPU; >1 shards a replica (tensor parallel)")
+    cpus_per_replica: float = Field(1.0, gt=0)
+    max_lora_rank: int = Field(16, gt=0)
+    extra: dict[str, Any] = Field(default_factory=dict, description="more vLLM engine_kwargs, verbatim")
+
+
+class Jwt(Strict):
+    """Bearer JWTs from your identity provider: signature, issuer, audience and expiry are checked."""
+
+    issuer: str
+    audience: str
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256"])
+    public_key_file: str | None = Field(None, description="PEM public key (RS*/ES*)")
+    secret_env: str | None = Field(None, description="env var holding the shared secret (HS*)")
+    scope_claim: str = "scope"
+    leeway_s: int = Field(30, ge=0)
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Jwt:
+        if (self.public_key_file is None) == (self.secret_env is None):
+            raise ValueError("set exactly one of auth.jwt.public_key_file (RS256/ES256) or auth.jwt.secret_env (HS256)")
+        return self
+
+
+class Auth(Strict):
+    """Who may call. Fail-closed: mode `keys` with no key configured refuses to start."""
+
+    mode: Literal["keys", "jwt", "none"] = "keys"
+    api_key_hashes: list[str] = Field(default_factory=list, description="sha256 hex of accepted keys")
+    api_keys_env: str = Field("PRIVLM_API_KEYS", description="env var with comma-separated plain keys")
+    jwt: Jwt | None = None
+
+    @model_validator(mode="after")
+    def _jwt_needs_settings(self) -> Auth:
+        if self.mode == "jwt" and self.jwt is None:
+            raise ValueError("auth.mode=jwt needs auth.jwt (issuer, audience, public_key_file or secret_env)")
+        return self
+
+
+class RateLimit(Strict):
+    """Per caller (key id or JWT subject), per gateway replica: beyond it, 429 with Retry-After."""
+
+    requests_per_minute: float | None = Field(None, gt=0, description="None: no limit")
+    burst: int = Field(10, gt=0)
+
+
+class Tls(Strict):
+    """HTTPS on Serve's proxy (http_options.ssl_certfile / ssl_keyfile)."""
+
+    certfile: str
+    keyfile: str
 
 
 class ServeSettings(Strict):
@@ -34,19 +100,20 @@ class ServeSettings(Strict):
 
     model_uri: str = "models:/privlm-tiny@champion"
     tracking_uri: str | None = Field(None, description="MLflow URI; default MLFLOW_TRACKING_URI or ./mlflow")
-    quantization: Mode = "int8-dynamic"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    torch_threads: int = Field(1, gt=0)
-    max_batch_size: int = Field(8, gt=0)
-    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    quantization: str = Field("none", description="serve the version quantized from the resolved one with this "
+                                                 "scheme (`privlm model quantize`); none: as registered")
+    adapters: list[str] = Field(default_factory=list,
+                                description="more LoRA adapter versions (models:/NAME/V) served on their bases")
+    engine: Engine = Field(default_factory=Engine)
     num_replicas: int = Field(1, gt=0)
     min_replicas: int | None = Field(None, ge=0, description="with max_replicas: autoscaling bounds")
     max_replicas: int | None = Field(None, gt=0)
-    max_ongoing_requests: int = Field(16, gt=0)
-    max_queued_requests: int = Field(32, gt=0, description="beyond this, requests get 503 + Retry-After")
+    max_ongoing_requests: int = Field(64, gt=0, description="requests one engine replica takes at once")
+    max_queued_requests: int = Field(64, gt=0, description="beyond this, requests get 503 + Retry-After")
     limits: Limits = Field(default_factory=Limits)
-    api_key_hashes: list[str] = Field(default_factory=list, description="sha256 hex of accepted keys")
-    api_keys_env: str = Field("PRIVLM_API_KEYS", description="env var with comma-separated plain keys")
+    auth: Auth = Field(default_factory=Auth)
+    rate_limit: RateLimit = Field(default_factory=RateLimit)
+    tls: Tls | None = None
     block_list: list[str] = Field(default_factory=list, description="words refused in prompts, removed from outputs")
     audit_log: str | None = "runs/serving/audit.jsonl"
     audit_prompts: bool = False
@@ -62,3 +129,14 @@ class ServeSettings(Strict):
         if self.min_replicas is not None and self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}")
         return self
+
+
+def settings_error(exc: Exception) -> str:
+    """A pydantic ValidationError as one line per field, in the recipes' wording (field, problem, value)."""
+    from pydantic import ValidationError
+
+    from jobs.recipe import _describe
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    return "\n".join(_describe(e) for e in exc.errors())
