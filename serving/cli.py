@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,16 +14,16 @@ from typing import Any
 import typer
 import yaml
 
-serve_app = typer.Typer(help="Ray Serve: a quantized, OpenAI-compatible endpoint that follows the champion.",
+serve_app = typer.Typer(help="Ray Serve + vLLM: an authenticated OpenAI-compatible endpoint following the champion.",
                         no_args_is_help=True)
 
-APP_NAME = "privlm"
 CONFIG = Path(__file__).parent / "config" / "privlm-serve.yaml"
 STATE = Path("runs/serving/ray-started-by-privlm")
 
 
 def load_settings(config: Path | None, overrides: dict[str, Any]) -> Any:
     """Settings from a Serve config file's application args, with command-line overrides."""
+    from serving.deploy import APP_NAME
     from serving.settings import ServeSettings
 
     args: dict[str, Any] = {}
@@ -34,9 +36,19 @@ def load_settings(config: Path | None, overrides: dict[str, Any]) -> Any:
     return ServeSettings.model_validate({**args, **{k: v for k, v in overrides.items() if v is not None}})
 
 
+def ray_cli() -> str:
+    """The `ray` executable of this Python environment (works without an activated venv)."""
+    beside = Path(sys.executable).parent / "ray"
+    return str(beside) if beside.is_file() else (shutil.which("ray") or "ray")
+
+
 def connect(num_cpus: int | None = None) -> None:
-    """Join the running Ray cluster, or start a local head node that outlives this command."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    """Join the running Ray cluster, or start a local head node that outlives this command.
+
+    Ray's token authentication is on unless RAY_AUTH_MODE says otherwise: the token is made once
+    (~/.ray/auth_token) and every process of this user uses it.
+    """
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     try:
@@ -44,39 +56,30 @@ def connect(num_cpus: int | None = None) -> None:
         return
     except ConnectionError:
         pass
-    cmd = ["ray", "start", "--head", "--include-dashboard=false", "--disable-usage-stats"]
-    if num_cpus:
-        cmd.append(f"--num-cpus={num_cpus}")
+    if os.environ["RAY_AUTH_MODE"] == "token":
+        subprocess.run([ray_cli(), "get-auth-token", "--generate"], check=True, capture_output=True)
+    cmd = [ray_cli(), "start", "--head", "--include-dashboard=false", "--disable-usage-stats",
+           f"--num-cpus={num_cpus or max(8, os.cpu_count() or 1)}"]  # logical CPUs: gateway + engines
     subprocess.run(cmd, check=True, capture_output=True)
     STATE.parent.mkdir(parents=True, exist_ok=True)
     STATE.write_text(str(time.time()))
     ray.init(address="auto", include_dashboard=False, logging_level="ERROR")
 
 
-def deploy(settings: Any) -> str:
-    """Deploy (or roll) the application; return the champion version it serves."""
-    from ray import serve
-
-    from serving.app import build_app, resolve_model
-
-    _, version = resolve_model(settings.model_uri, settings.tracking_uri)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_app(settings.model_dump()), name=APP_NAME, route_prefix="/")
-    return version
-
-
 def follow_champion(settings: Any, current: str, interval_s: float, rounds: int | None = None) -> None:
-    """Poll the alias; when it moves, roll the deployment to the new version (Serve drains the old one)."""
-    from serving.app import resolve_model
+    """Poll the alias; when it moves, warm the new version's engine, then move the gateway to it."""
+    from serving.deploy import roll_to
+    from serving.engine import pin
 
     done = 0
     while rounds is None or done < rounds:
         time.sleep(interval_s)
         done += 1
-        _, version = resolve_model(settings.model_uri, settings.tracking_uri)
-        if version != current:
-            typer.echo(f"champion moved: {current} -> {version}; rolling out")
-            current = deploy(settings)
+        pinned = pin(settings.model_uri, settings.tracking_uri)
+        label = pinned.removeprefix("models:/").replace("/", "/v", 1)
+        if label != current:
+            typer.echo(f"champion moved: {current} -> {label}; rolling out")
+            current = roll_to(settings, pinned)
             typer.echo(f"now serving {current}")
 
 
@@ -84,23 +87,37 @@ def follow_champion(settings: Any, current: str, interval_s: float, rounds: int 
 def up(model_uri: str = typer.Argument(None, help="models:/NAME@champion (default) or a model directory"),
        config: Path = typer.Option(CONFIG, help="a Serve config file whose privlm application args to use"),
        port: int = typer.Option(None, help="HTTP port (default from the config: 8000)"),
-       quantization: str = typer.Option(None, help="none, int8-dynamic, int8-weight, int4-weight, bf16"),
+       quantization: str = typer.Option(None, help="serve the version quantized with this scheme (w8a8-int8 ...)"),
        watch: bool = typer.Option(False, help="keep running and roll out each new champion"),
        interval: float = typer.Option(10.0, help="seconds between alias checks with --watch")) -> None:
     """Serve MODEL_URI on a Ray cluster (a local one is started if none runs)."""
     from pydantic import ValidationError
 
+    from mlops.registry import RegistryError
+    from serving.deploy import deploy, serve_start
+    from serving.engine import ServingError
+    from serving.settings import settings_error
+
     try:
         settings = load_settings(config, {"model_uri": model_uri, "port": port, "quantization": quantization})
-    except ValidationError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    if settings.tracking_uri is None:
-        from mlops.tracking import tracking_uri
+        from serving.app import prepare
 
-        settings = settings.model_copy(update={"tracking_uri": tracking_uri()})
+        settings = prepare(settings)
+    except (ValidationError, ServingError, RegistryError) as exc:
+        typer.secho(settings_error(exc), fg="red", err=True)
+        raise typer.Exit(2) from None
+    if settings.auth.mode == "none":
+        typer.secho("authentication is OFF (auth.mode: none): anyone who reaches the port may use the model",
+                    fg="yellow", err=True)
     connect()
-    version = deploy(settings)
-    typer.echo(f"serving {version} at http://{settings.host}:{settings.port}/v1 (model name "
+    serve_start(settings)
+    try:
+        version = deploy(settings)
+    except (ServingError, RegistryError) as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(2) from None
+    scheme = "https" if settings.tls else "http"
+    typer.echo(f"serving {version} at {scheme}://{settings.host}:{settings.port}/v1 (model name "
                f"{settings.model_uri.removeprefix('models:/').split('@')[0].split('/')[0]})")
     if watch:
         try:
@@ -122,7 +139,7 @@ def status() -> None:
 
 
 def connect_existing() -> None:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     try:
@@ -138,11 +155,15 @@ def down() -> None:
     connect_existing()
     from ray import serve
 
-    serve.delete(APP_NAME)
+    from serving.deploy import APP_NAME, ENGINE_PREFIX
+
+    for name in list(serve.status().applications):
+        if name == APP_NAME or name.startswith(ENGINE_PREFIX):
+            serve.delete(name)
     if STATE.exists():
         import ray
 
         ray.shutdown()
-        subprocess.run(["ray", "stop"], capture_output=True)
+        subprocess.run([ray_cli(), "stop"], capture_output=True)
         STATE.unlink()
     typer.echo("endpoint stopped")

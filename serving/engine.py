@@ -19,7 +19,6 @@ from ray.serve.llm import LLMConfig, LLMServer
 
 from serving.settings import Engine, ServeSettings
 
-
 # For tokenizers without a chat template of their own (our pretrained models): role-tagged turns.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
