@@ -19,12 +19,14 @@ def _fail(exc: Exception) -> None:
 
 @model_app.command("register")
 def register(run_dir: Path = typer.Argument(..., help="a finished run, e.g. runs/tiny-cpu-lora"),
-             name: str = typer.Option(None, help="registered model name (default: the recipe's)")) -> None:
+             name: str = typer.Option(None, help="registered model name (default: the recipe's)"),
+             adapter: bool = typer.Option(False, help="register a LoRA run's adapter unmerged, served on its base")
+             ) -> None:
     """Log RUN_DIR's exported model in its MLflow run and register a new version with its lineage."""
-    from mlops.registry import RegistryError, register_run
+    from mlops.registry import RegistryError, register_adapter, register_run
 
     try:
-        reg = register_run(run_dir, name)
+        reg = register_adapter(run_dir, name) if adapter else register_run(run_dir, name)
     except (RegistryError, FileNotFoundError) as exc:
         _fail(exc)
     verb = "already registered as" if reg.reused else "registered"

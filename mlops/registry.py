@@ -92,6 +92,40 @@ def register_run(run_dir: Path, name: str | None = None, uri: str | None = None)
     return Registered(name=name, version=str(mv.version), run_id=run_id, tags=tags)
 
 
+def register_adapter(run_dir: Path, name: str | None = None, uri: str | None = None) -> Registered:
+    """Register a LoRA run's adapter (`run_dir/adapter`, not merged) as a version served on its base version."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "adapter" / "adapter_config.json").is_file():
+        raise RegistryError(f"{run_dir}/adapter holds no LoRA adapter; only `finetune.method: lora` runs have one")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    uri = uri or tracking_uri()
+    tags = lineage_tags(run_dir)
+    parent = find_version_by_model_dir(client(uri), tags.get("privlm.base_model_dir", ""))
+    if parent is None:
+        raise RegistryError(f"the base model of {run_dir} ({tags.get('privlm.base_model_dir')}) is not registered; "
+                            "register the pretraining run first")
+    run_id = _training_run_id(run_dir) or _new_run(client(uri), recipe)
+    return log_adapter(run_dir / "adapter", name or parent.name, str(parent.version), run_id, uri, tags)
+
+
+def log_adapter(adapter_dir: Path, name: str, base_version: str, run_id: str, uri: str | None = None,
+                tags: dict[str, str] | None = None) -> Registered:
+    """Log a peft adapter directory as plain artifacts and register it as a version of `name` on `base_version`."""
+    import mlflow
+
+    uri = uri or tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
+    tags = {**(tags or {}), "privlm.adapter_of": f"{name}/{base_version}", "privlm.parent": f"{name}/{base_version}",
+            "privlm.model_dir": str(Path(adapter_dir).resolve())}
+    mlflow_client = client(uri)
+    _ensure_registered_model(mlflow_client, name)
+    source = f"{mlflow_client.get_run(run_id).info.artifact_uri}/adapter"
+    mv = mlflow_client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    return Registered(name=name, version=str(mv.version), run_id=run_id, tags=tags)
+
+
 def _training_run_id(run_dir: Path) -> str | None:
     state = run_dir / "tracking" / "state.json"
     return json.loads(state.read_text()).get("run_id") if state.is_file() else None
