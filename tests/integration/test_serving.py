@@ -1,4 +1,8 @@
-"""The Ray Serve endpoint against a real local Ray: OpenAI shapes, bad input, overload, rollout, A/B."""
+"""The endpoint against a real local Ray with vLLM (CPU) behind our gateway, over HTTPS.
+
+One set of engines for the module (v1 with a LoRA adapter, v2 as challenger: each takes a minute or
+more to start); tests that need other gateway settings redeploy only the gateway, which reuses them.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,7 +24,8 @@ from tests.helpers import SMALL
 pytestmark = pytest.mark.integration
 KEY = "sk-test-privlm"
 PORT = 18077
-BASE = f"http://127.0.0.1:{PORT}"
+BASE = f"https://127.0.0.1:{PORT}"
+STATE: dict[str, Any] = {}
 
 
 def save_model(out: Path, data_dir: Path, seed: int) -> Path:
@@ -34,126 +40,43 @@ def save_model(out: Path, data_dir: Path, seed: int) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def ray_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    import ray
-    from ray import serve
+def save_adapter(base: Path, out: Path) -> Path:
+    """A peft LoRA adapter on q_proj/v_proj with non-zero weights (so it changes the output)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    yield
-    serve.shutdown()
-    ray.shutdown()
-
-
-def deploy(**settings) -> None:
-    from ray import serve
-
-    from serving.app import build_app
-
-    os.environ["PRIVLM_API_KEYS"] = KEY
-    serve.run(build_app(settings), name="privlm", route_prefix="/")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="module")
-def endpoint(ray_serve, small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    tmp = tmp_path_factory.mktemp("serve")
-    model = save_model(tmp / "tiny" / "model", small_data, seed=1)
-    audit = tmp / "audit.jsonl"
-    deploy(model_uri=str(model), quantization="int8-dynamic", max_ongoing_requests=4, max_queued_requests=8,
-           block_list=["forbiddenword"], audit_log=str(audit), limits={"max_tokens": 64})
-    return {"name": "tiny", "audit": audit, "model": model}
+def tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    import trustme
 
-
-def post(path: str, body=None, key: str | None = KEY, raw: bytes | None = None, **kw) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.post(BASE + path, json=body, content=raw, headers={**headers, **kw.pop("headers", {})},
-                      timeout=120, **kw)
-
-
-def test_openai_shapes_and_the_openai_client(endpoint) -> None:
-    from openai import OpenAI
-
-    r = post("/v1/completions", {"model": "tiny", "prompt": "def main", "max_tokens": 5, "temperature": 0})
-    assert r.status_code == 200
-    body = r.json()
-    assert body["object"] == "text_completion" and body["choices"][0]["finish_reason"] in ("length", "stop")
-    assert body["usage"]["completion_tokens"] <= 5 and body["usage"]["prompt_tokens"] > 0
-    assert r.headers["x-privlm-model-version"].startswith("model@")
-    chat = post("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
-                                         "max_tokens": 4}).json()
-    assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
-    client = OpenAI(base_url=f"{BASE}/v1", api_key=KEY)
-    assert [m.id for m in client.models.list().data] == ["tiny"]
-    done = client.completions.create(model="tiny", prompt="import os", max_tokens=4, n=2)
-    assert len(done.choices) == 2
-    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
-                                                 max_tokens=6, stream=True))
-    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
-    assert all(c.object == "chat.completion.chunk" for c in chunks)
-
-
-@pytest.mark.parametrize(("body", "raw", "key", "status", "param"), [
-    (None, b"{not json", KEY, 400, None),
-    ({"model": "tiny"}, None, KEY, 400, "prompt"),
-    ({"model": "tiny", "prompt": "  "}, None, KEY, 400, "prompt"),
-    ({"model": "tiny", "prompt": "x", "max_tokens": "ten"}, None, KEY, 400, "max_tokens"),
-    ({"model": "tiny", "prompt": "x", "max_tokens": 10**6}, None, KEY, 400, "max_tokens"),
-    ({"model": "tiny", "prompt": "word " * 400}, None, KEY, 400, "prompt"),
-    ({"model": "tiny", "prompt": "x", "temperature": 9}, None, KEY, 400, "temperature"),
-    ({"model": "gpt-4", "prompt": "x"}, None, KEY, 404, "model"),
-    ({"model": "tiny", "prompt": "x"}, None, None, 401, None),
-    ({"model": "tiny", "prompt": "x"}, None, "wrong", 401, None),
-    ({"model": "tiny", "prompt": "say forbiddenword"}, None, KEY, 400, "prompt"),
-])
-def test_bad_input_gets_4xx_in_openai_shape(endpoint, body, raw, key, status, param) -> None:
-    r = post("/v1/completions", body, key=key, raw=raw)
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) >= {"message", "type", "param"} and err["message"] and err["param"] == param
-
-
-def test_good_requests_batched_with_a_bad_one_all_succeed(endpoint) -> None:
-    bodies = [{"model": "tiny", "prompt": f"def f{i}", "max_tokens": 8} for i in range(6)]
-    bodies.insert(3, {"model": "tiny", "prompt": "word " * 400, "max_tokens": 8})  # beyond the context
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        codes = list(pool.map(lambda b: post("/v1/completions", b).status_code, bodies))
-    assert codes == [200, 200, 200, 400, 200, 200, 200]
-    metrics = httpx.get(f"{BASE}/metrics").text
-    assert "privlm_batch_size_bucket" in metrics
-
-
-def test_overload_gets_503_with_retry_after_and_recovers(endpoint) -> None:
-    body = {"model": "tiny", "prompt": "class A", "max_tokens": 64, "temperature": 1.0}
-    with ThreadPoolExecutor(40) as pool:  # capacity is 4 generating + 8 queued
-        responses = list(pool.map(lambda _: post("/v1/completions", body), range(40)))
-    codes = [r.status_code for r in responses]
-    assert 503 in codes and 200 in codes and set(codes) <= {200, 503}
-    busy = next(r for r in responses if r.status_code == 503)
-    assert busy.headers["retry-after"] == "1" and busy.json()["error"]["type"] == "server_overloaded"
-    assert post("/v1/completions", {**body, "max_tokens": 2}).status_code == 200  # recovered
-
-
-def test_metrics_audit_and_cache(endpoint) -> None:
-    body = {"model": "tiny", "prompt": "secret prompt text", "max_tokens": 3, "temperature": 0}
-    first, second = post("/v1/completions", body).json(), post("/v1/completions", body).json()
-    assert first["choices"] == second["choices"]
-    metrics = httpx.get(f"{BASE}/metrics").text
-    assert 'privlm_cache_total{result="hit"}' in metrics and "privlm_request_latency_seconds_bucket" in metrics
-    assert 'privlm_requests_total{endpoint="completions",status="200"' in metrics
-    lines = [json.loads(x) for x in endpoint["audit"].read_text().splitlines()]
-    assert {"time", "key_id", "model_version", "status", "prompt_tokens", "completion_tokens"} <= set(lines[-1])
-    assert "secret prompt text" not in endpoint["audit"].read_text()
-    assert lines[-1]["key_id"] != KEY and KEY not in endpoint["audit"].read_text()
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    d = tmp_path_factory.mktemp("tls")
+    paths = {"ca": d / "ca.pem", "cert": d / "cert.pem", "key": d / "key.pem"}
+    ca.cert_pem.write_to_path(paths["ca"])
+    cert.cert_chain_pems[0].write_to_path(paths["cert"])
+    cert.private_key_pem.write_to_path(paths["key"])
+    return {k: str(v) for k, v in paths.items()}
 
 
 @pytest.fixture(scope="module")
-def registered(ray_serve, small_data: Path, mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Two versions of `served` in the MLflow registry, v1 champion and v2 challenger."""
+def registered(small_data: Path, mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`served` v1 (champion), v2 (challenger) and v3, a LoRA adapter on v1, in the MLflow registry."""
     from mlflow.tracking import MlflowClient
 
-    from mlops.registry import _log_model
+    from mlops.registry import _log_model, log_adapter
 
     tmp = tmp_path_factory.mktemp("registered")
     client = MlflowClient(mlflow_server.uri)
@@ -163,52 +86,308 @@ def registered(ray_serve, small_data: Path, mlflow_server, tmp_path_factory: pyt
         run = client.create_run(exp).info.run_id
         uri, model_id = _log_model(save_model(tmp / f"m{seed}", small_data, seed), run, mlflow_server.uri)
         client.create_model_version("served", uri, run_id=run, model_id=model_id)
+    run = client.create_run(exp).info.run_id
+    log_adapter(save_adapter(tmp / "m1", tmp / "adapter"), "served", "1", run, mlflow_server.uri)
     client.set_registered_model_alias("served", "champion", "1")
     client.set_registered_model_alias("served", "challenger", "2")
     return {"uri": mlflow_server.uri, "client": client}
 
 
-def test_rollout_to_a_new_champion_fails_no_request(registered) -> None:
-    from serving.cli import follow_champion
+def settings(registered: dict, tls: dict, **overrides: Any) -> Any:
     from serving.settings import ServeSettings
 
-    settings = ServeSettings(model_uri="models:/served@champion", tracking_uri=registered["uri"], port=PORT,
-                             quantization="none")
-    deploy(**settings.model_dump())
+    base = {"model_uri": "models:/served@champion", "tracking_uri": registered["uri"], "port": PORT,
+            "adapters": ["models:/served/3"], "ab": {"enabled": True, "challenger_share": 0.5},
+            "engine": {"max_model_len": 128, "kv_cache_gib": 0.5}, "max_ongoing_requests": 4,
+            "max_queued_requests": 8, "block_list": ["forbiddenword"], "limits": {"max_tokens": 64},
+            "auth": {"api_key_hashes": [__import__("hashlib").sha256(KEY.encode()).hexdigest()]},
+            "tls": {"certfile": tls["cert"], "keyfile": tls["key"]}, "audit_log": STATE["audit"]}
+    return ServeSettings.model_validate({**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def endpoint(registered: dict, tls: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+    from ray import serve
+
+    from serving.deploy import deploy, serve_start
+
+    STATE["audit"] = str(tmp_path_factory.mktemp("audit") / "audit.jsonl")
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    serve_start(settings(registered, tls))
+    deploy(settings(registered, tls))
+    yield {"registered": registered, "tls": tls, "deploy": lambda **kw: deploy(settings(registered, tls, **kw))}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture
+def gateway_default(endpoint: dict) -> Iterator[dict]:
+    """Tests that change the gateway put the module's settings back afterwards (engines are untouched)."""
+    yield endpoint
+    endpoint["deploy"]()
+
+
+def client(tls: dict) -> httpx.Client:
+    return httpx.Client(base_url=BASE, verify=tls["ca"], timeout=120)
+
+
+def post(endpoint: dict, path: str, body: dict | None = None, key: str | None = KEY, raw: bytes | None = None,
+         **kw: Any) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with client(endpoint["tls"]) as c:
+        return c.post(path, json=body, content=raw, headers={**headers, **kw.pop("headers", {})}, **kw)
+
+
+def test_openai_client_over_tls_completions_chat_stream_and_models(endpoint) -> None:
+    from openai import OpenAI
+
+    oai = OpenAI(base_url=f"{BASE}/v1", api_key=KEY, http_client=httpx.Client(verify=endpoint["tls"]["ca"]))
+    assert {m.id for m in oai.models.list().data} == {"served", "served-v3"}
+    assert oai.models.retrieve("served").id == "served"
+    done = oai.completions.create(model="served", prompt=["def main", "import os"], max_tokens=4, n=2,
+                                  logprobs=2, temperature=0)
+    assert len(done.choices) == 4 and done.usage.completion_tokens <= 16
+    assert len(done.choices[0].logprobs.tokens) == done.usage.completion_tokens // 4 or done.choices[0].logprobs
+    chat = oai.chat.completions.create(model="served@champion", messages=[
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        max_completion_tokens=20, temperature=0, extra_body={})
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens == 20 or chat.choices[0].finish_reason == "stop"  # not cut at 16
+    chunks = list(oai.chat.completions.create(model="served", messages=[{"role": "user", "content": "x"}],
+                                              max_tokens=6, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert any(c.choices and c.choices[0].finish_reason in ("length", "stop") for c in chunks)
+    seeded = [oai.completions.create(model="served", prompt="class", max_tokens=8, seed=11, temperature=1.0,
+                                     user=f"u{i}").choices[0].text for i in range(2)]
+    assert seeded[0] == seeded[1]
+    stopped = oai.completions.create(model="served", prompt="def", max_tokens=30, temperature=0,
+                                     stop=[done.choices[0].text[:2] or "e"])
+    assert stopped.usage.completion_tokens < 30 or stopped.choices[0].finish_reason == "stop"
+
+
+def test_response_format_is_guided_decoding(endpoint) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    r = post(endpoint, "/v1/chat/completions", {
+        "model": "served", "messages": [{"role": "user", "content": "give n"}], "max_tokens": 40, "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}})
+    assert r.status_code == 200, r.text
+    content = r.json()["choices"][0]["message"]["content"]
+    if r.json()["choices"][0]["finish_reason"] == "stop":
+        assert isinstance(json.loads(content)["n"], int)
+    else:  # ran out of tokens: still a prefix of valid JSON for the schema
+        assert content.lstrip().startswith("{")
+
+
+def test_langchain_and_litellm_clients(endpoint, monkeypatch) -> None:
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=f"{BASE}/v1", api_key=KEY, model="served", max_completion_tokens=5, temperature=0,
+                     http_client=httpx.Client(verify=endpoint["tls"]["ca"]))
+    reply = llm.invoke("hello")
+    assert reply.usage_metadata["output_tokens"] == 5 or reply.response_metadata["finish_reason"] == "stop"
+    import litellm
+
+    monkeypatch.setenv("SSL_CERT_FILE", endpoint["tls"]["ca"])
+    litellm.ssl_verify = endpoint["tls"]["ca"]
+    out = litellm.completion(model="openai/served", api_base=f"{BASE}/v1", api_key=KEY, max_tokens=4,
+                             messages=[{"role": "user", "content": "hi"}])
+    assert out.choices[0].message.content is not None and out.usage.completion_tokens <= 4
+
+
+@pytest.mark.parametrize(("body", "raw", "key", "status", "param"), [
+    (None, b"{not json", KEY, 400, None),
+    ({"model": "served"}, None, KEY, 400, "prompt"),
+    ({"model": "served", "prompt": "  "}, None, KEY, 400, "prompt"),
+    ({"model": "served", "prompt": []}, None, KEY, 400, "prompt"),
+    ({"model": "served", "prompt": "x", "max_tokens": "ten"}, None, KEY, 400, "max_tokens"),
+    ({"model": "served", "prompt": "x", "max_tokens": 10**6}, None, KEY, 400, "max_tokens"),
+    ({"model": "served", "prompt": "word " * 400}, None, KEY, 400, "prompt"),
+    ({"model": "served", "prompt": "x", "temperature": 9}, None, KEY, 400, "temperature"),
+    ({"model": "served", "prompt": "x", "tools": []}, None, KEY, 400, "tools"),
+    ({"model": "served", "prompt": "x", "frobnicate": 1}, None, KEY, 400, "frobnicate"),
+    ({"model": "served", "prompt": "x", "stream_options": {"include_usage": True}}, None, KEY, 400, None),
+    ({"model": "served", "prompt": "x", "response_format": {"type": "xml"}}, None, KEY, 400,
+     "response_format.type"),
+    (None, b'{"model": "served", "prompt": "x\\u0000y"}', KEY, 400, "prompt"),
+    (None, b'{"model": "served", "prompt": "x\\ud800y"}', KEY, 400, "prompt"),
+    ({"model": "gpt-4", "prompt": "x"}, None, KEY, 404, "model"),
+    ({"model": "served@canary", "prompt": "x"}, None, KEY, 404, "model"),
+    ({"model": "served", "prompt": "x"}, None, None, 401, None),
+    ({"model": "served", "prompt": "x"}, None, "wrong", 401, None),
+    ({"model": "served", "prompt": "say forbiddenword"}, None, KEY, 400, "prompt"),
+])
+def test_bad_input_gets_4xx_in_openai_shape(endpoint, body, raw, key, status, param) -> None:
+    r = post(endpoint, "/v1/completions", body, key=key, raw=raw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param"} and err["message"] and err["param"] == param
+
+
+def test_bad_chat_input(endpoint) -> None:
+    for body, param in [({"model": "served", "messages": []}, "messages"),
+                        ({"model": "served", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+                        ({"model": "served", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
+                          "max_completion_tokens": 4}, None)]:
+        r = post(endpoint, "/v1/chat/completions", body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_good_requests_beside_a_bad_one_all_succeed(endpoint) -> None:
+    bodies = [{"model": "served", "prompt": f"def f{i}", "max_tokens": 8} for i in range(6)]
+    bodies.insert(3, {"model": "served", "prompt": "word " * 400, "max_tokens": 8})  # beyond the context
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        codes = list(pool.map(lambda b: post(endpoint, "/v1/completions", b).status_code, bodies))
+    assert codes == [200, 200, 200, 400, 200, 200, 200]
+
+
+def test_overload_gets_503_with_retry_after_and_recovers(endpoint) -> None:
+    body = {"model": "served@champion", "prompt": "class A", "max_tokens": 64, "temperature": 1.0}
+    with ThreadPoolExecutor(40) as pool:  # the engine takes 4 at once and queues 8
+        responses = list(pool.map(lambda _: post(endpoint, "/v1/completions", body), range(40)))
+    codes = [r.status_code for r in responses]
+    assert 503 in codes and 200 in codes and set(codes) <= {200, 503}
+    busy = next(r for r in responses if r.status_code == 503)
+    assert busy.headers["retry-after"] == "1" and busy.json()["error"]["type"] == "server_overloaded"
+    assert post(endpoint, "/v1/completions", {**body, "max_tokens": 2}).status_code == 200  # recovered
+
+
+def test_metrics_audit_and_cache_keyed_by_version_and_arm(endpoint) -> None:
+    body = {"model": "served@champion", "prompt": "secret prompt text", "max_tokens": 3, "temperature": 0}
+    first, second = post(endpoint, "/v1/completions", body), post(endpoint, "/v1/completions", body)
+    assert first.json()["choices"] == second.json()["choices"]
+    other = post(endpoint, "/v1/completions", {**body, "model": "served@challenger"})
+    assert other.headers["x-privlm-model-version"] == "served/v2" != first.headers["x-privlm-model-version"]
+    with client(endpoint["tls"]) as c:
+        assert c.get("/metrics").status_code == 401
+        metrics = c.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    assert 'privlm_cache_total{result="hit"} 1.0' in metrics and 'privlm_cache_total{result="miss"} 2.0' in metrics
+    assert 'privlm_requests_total{endpoint="completions",status="200",version="served/v2"}' in metrics
+    assert 'privlm_completion_tokens_total{version="served/v1"}' in metrics
+    assert "privlm_prompt_tokens_total" in metrics
+    post(endpoint, "/v1/completions", {**body, "stream": True})
+    with client(endpoint["tls"]) as c:
+        metrics = c.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    assert 'privlm_time_to_first_token_seconds_count{version="served/v1"}' in metrics
+    assert 'privlm_inter_token_latency_seconds_count{version="served/v1"}' in metrics
+    audit = Path(STATE["audit"]).read_text()
+    lines = [json.loads(x) for x in audit.splitlines()]
+    assert {"time", "key_id", "model_version", "status", "prompt_tokens", "completion_tokens"} <= set(lines[-1])
+    assert "secret prompt text" not in audit and KEY not in audit
+
+
+def test_block_list_catches_a_word_split_across_stream_chunks(gateway_default) -> None:
+    ep = gateway_default
+    body = {"model": "served@champion", "prompt": "def main", "max_tokens": 12, "temperature": 0, "logprobs": 0}
+    tokens = post(ep, "/v1/completions", body).json()["choices"][0]["logprobs"]["tokens"]
+    i = next(i for i in range(len(tokens) - 1) if len(tokens[i].strip()) >= 2 and len(tokens[i + 1].strip()) >= 2)
+    word = tokens[i].strip()[-2:] + tokens[i + 1].strip()[:2]  # spans two tokens, so two stream chunks
+    ep["deploy"](block_list=[word])
+    plain = post(ep, "/v1/completions", {**body, "logprobs": None}).json()["choices"][0]
+    assert word.lower() not in plain["text"].lower() and plain["finish_reason"] == "content_filter"
+    streamed = post(ep, "/v1/completions", {**body, "logprobs": None, "stream": True}).text
+    chunks = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert word.lower() not in text.lower() and text.strip()
+    assert any(c["choices"] and c["choices"][0]["finish_reason"] == "content_filter" for c in chunks)
+
+
+def test_jwt_scopes_and_expiry(gateway_default, tmp_path) -> None:
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pub = tmp_path / "jwt.pem"
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    gateway_default["deploy"](auth={"mode": "jwt", "jwt": {"issuer": "https://idp.test", "audience": "privlm",
+                                                          "public_key_file": str(pub)}})
+
+    def token(scope: str, exp: float = 300, aud: str = "privlm") -> str:
+        claims = {"iss": "https://idp.test", "aud": aud, "sub": "alice", "exp": int(time.time() + exp),
+                  "scope": scope}
+        return jwt.encode(claims, key, algorithm="RS256")
+
+    body = {"model": "served", "prompt": "x", "max_tokens": 2}
+    ep = gateway_default
+    assert post(ep, "/v1/completions", body, key=token("models:served")).status_code == 200
+    assert post(ep, "/v1/completions", body, key=token("models:other")).status_code == 403
+    assert post(ep, "/v1/completions", body, key=token("models:served", exp=-120)).json()["error"]["message"] \
+        == "the token has expired"
+    assert post(ep, "/v1/completions", body, key=token("models:served", aud="else")).status_code == 401
+    assert post(ep, "/v1/completions", body, key=KEY).status_code == 200  # keys still work beside JWTs
+    with client(ep["tls"]) as c:
+        assert c.get("/metrics", headers={"Authorization": f"Bearer {token('models:*')}"}).status_code == 403
+        assert c.get("/metrics", headers={"Authorization": f"Bearer {token('metrics:read')}"}).status_code == 200
+        listed = c.get("/v1/models", headers={"Authorization": f"Bearer {token('models:served')}"}).json()
+    assert [m["id"] for m in listed["data"]] == ["served"]
+
+
+def test_rate_limit_per_key_gets_429_with_retry_after(gateway_default) -> None:
+    gateway_default["deploy"](rate_limit={"requests_per_minute": 6, "burst": 2})
+    body = {"model": "served", "prompt": "x", "max_tokens": 1}
+    codes = [post(gateway_default, "/v1/completions", body) for _ in range(4)]
+    assert [r.status_code for r in codes] == [200, 200, 429, 429]
+    assert int(codes[2].headers["retry-after"]) >= 1 and codes[2].json()["error"]["type"] == "rate_limit_exceeded"
+
+
+def test_adapter_served_on_its_base_without_merging(gateway_default) -> None:
+    ep = gateway_default
+    body = {"prompt": "def main", "max_tokens": 8, "temperature": 0}
+    base = post(ep, "/v1/completions", {**body, "model": "served@champion"})
+    tuned = post(ep, "/v1/completions", {**body, "model": "served-v3"})
+    assert tuned.status_code == 200 and tuned.headers["x-privlm-model-version"] == "served/v3"
+    assert tuned.json()["choices"][0]["text"] != base.json()["choices"][0]["text"]
+    # the champion alias may point at the adapter version: served on base v1's engine
+    client_ = ep["registered"]["client"]
+    client_.set_registered_model_alias("served", "champion", "3")
+    try:
+        ep["deploy"]()
+        again = post(ep, "/v1/completions", {**body, "model": "served@champion"})
+        assert again.headers["x-privlm-model-version"] == "served/v3"
+        assert again.json()["choices"][0]["text"] == tuned.json()["choices"][0]["text"]
+    finally:
+        client_.set_registered_model_alias("served", "champion", "1")
+
+
+def test_ab_split_is_sticky_per_user(endpoint) -> None:
+    versions = {}
+    for user in [f"user-{i}" for i in range(12)]:
+        got = {post(endpoint, "/v1/completions", {"model": "served", "prompt": "x", "max_tokens": 1},
+                    headers={"x-user-id": user}).headers["x-privlm-model-version"] for _ in range(2)}
+        assert len(got) == 1  # a user stays on one version
+        versions[user] = got.pop()
+    assert set(versions.values()) == {"served/v1", "served/v2"}  # both arms get users
+
+
+def test_rollout_to_a_new_champion_fails_no_request(gateway_default) -> None:
+    from serving.cli import follow_champion
+
+    ep = gateway_default
     seen, failures, stop = [], [], threading.Event()
 
     def client_loop() -> None:
         while not stop.is_set():
-            r = post("/v1/completions", {"model": "served", "prompt": "def", "max_tokens": 2})
+            r = post(ep, "/v1/completions", {"model": "served@champion", "prompt": "def", "max_tokens": 2})
             (seen if r.status_code == 200 else failures).append(r.headers.get("x-privlm-model-version") or r.text)
 
     threads = [threading.Thread(target=client_loop) for _ in range(3)]
     for t in threads:
         t.start()
     time.sleep(2)
-    registered["client"].set_registered_model_alias("served", "champion", "2")
-    follow_champion(settings, "served/v1", interval_s=0.1, rounds=1)
-    deadline = time.monotonic() + 60
-    while (not seen or seen[-1] != "served/v2") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(1)
-    stop.set()
-    for t in threads:
-        t.join()
+    ep["registered"]["client"].set_registered_model_alias("served", "champion", "2")
+    try:
+        follow_champion(settings(ep["registered"], ep["tls"]), "served/v1", interval_s=0.1, rounds=1)
+        deadline = time.monotonic() + 60
+        while (not seen or seen[-1] != "served/v2") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        ep["registered"]["client"].set_registered_model_alias("served", "champion", "1")
     assert failures == []
     assert seen[0] == "served/v1" and seen[-1] == "served/v2"
-
-
-def test_ab_split_is_sticky_per_user(registered) -> None:
-    registered["client"].set_registered_model_alias("served", "champion", "1")
-    deploy(model_uri="models:/served@champion", tracking_uri=registered["uri"], port=PORT, quantization="none",
-           ab={"enabled": True, "challenger_share": 0.5})
-    versions = {}
-    for user in [f"user-{i}" for i in range(12)]:
-        got = {post("/v1/completions", {"model": "served", "prompt": "x", "max_tokens": 1},
-                    headers={"x-user-id": user}).headers["x-privlm-model-version"] for _ in range(2)}
-        assert len(got) == 1  # a user stays on one version
-        versions[user] = got.pop()
-    assert set(versions.values()) == {"served/v1", "served/v2"}  # both arms get users
-    metrics = httpx.get(f"{BASE}/metrics").text
-    assert 'version="served/v1"' in metrics and 'version="served/v2"' in metrics
