@@ -124,8 +124,9 @@ def _measured_throughput(run: Path) -> dict[str, float] | None:
 
 
 def serve_and_ask(console: Console, keep_serving: bool, port: int = 8000) -> tuple[str, dict]:
-    """Serve models:/privlm-tiny@champion and ask it for one completion over HTTP."""
+    """Serve models:/privlm-tiny@champion through vLLM and ask it for one completion over HTTP."""
     import os
+    import secrets
 
     import httpx
 
@@ -133,21 +134,26 @@ def serve_and_ask(console: Console, keep_serving: bool, port: int = 8000) -> tup
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from serving.deploy import deploy, serve_start
+    from serving.settings import ServeSettings
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    key = os.environ.get("PRIVLM_API_KEYS", "").split(",")[0].strip() or f"sk-demo-{secrets.token_hex(8)}"
+    os.environ["PRIVLM_API_KEYS"] = os.environ.get("PRIVLM_API_KEYS") or key
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"model_uri": "models:/privlm-tiny@champion", "port": port}), name="privlm",
-                  route_prefix="/")
+        settings = ServeSettings(model_uri="models:/privlm-tiny@champion", port=port)
+        serve_start(settings)
+        with console.status("starting the vLLM engine (about a minute on CPU)"):
+            deploy(settings)
         body = {"model": "privlm-tiny", "prompt": "def test_", "max_tokens": 24, "temperature": 0}
-        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120)
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120,
+                           headers={"Authorization": f"Bearer {key}"})
         reply.raise_for_status()
         text = reply.json()["choices"][0]["text"]
         version = reply.headers["x-privlm-model-version"]
         console.print(f"POST /v1/completions {json.dumps(body)}\n-> {version}: {body['prompt']}{text}")
         if keep_serving:
-            console.print(f"serving on http://127.0.0.1:{port}/v1 until Ctrl-C")
+            console.print(f"serving on http://127.0.0.1:{port}/v1 until Ctrl-C (API key {key})")
             while True:
                 time.sleep(3600)
         return f"{version}: {text.strip()[:40]!r}", reply.json()

