@@ -203,7 +203,7 @@ def llm_deployment(dep: EngineDeployment, settings: ServeSettings) -> Any:
                                             "max_replicas": settings.max_replicas}
     else:
         deployment["num_replicas"] = settings.num_replicas
-    env = {"VLLM_CPU_KVCACHE_SPACE": f"{engine.kv_cache_gib:g}"} if not engine.gpus_per_replica else {}
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib)} if not engine.gpus_per_replica else {}
     config = LLMConfig(model_loading_config={"model_id": dep.base.deployment, "model_source": dep.base.base_dir},
                        engine_kwargs=engine_kwargs(engine, len(dep.adapters)),
                        placement_group_config={"bundles": bundles}, deployment_config=deployment,

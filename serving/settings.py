@@ -40,7 +40,7 @@ class Engine(Strict):
         "auto", description="auto: float32 on CPU (bf16 is slow without AMX), the model's dtype on GPUs")
     max_model_len: int | None = Field(None, gt=0, description="default: the model's max_position_embeddings")
     max_num_seqs: int = Field(64, gt=0, description="sequences vLLM batches continuously per replica")
-    kv_cache_gib: float = Field(1.0, gt=0, description="CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+    kv_cache_gib: int = Field(1, ge=1, description="CPU: KV cache GiB per replica (VLLM_CPU_KVCACHE_SPACE, whole GiB)")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     gpus_per_replica: int = Field(0, ge=0, description="0 on CPU; >1 shards a replica (tensor parallel)")
     cpus_per_replica: float = Field(1.0, gt=0)

@@ -98,7 +98,7 @@ def settings(registered: dict, tls: dict, **overrides: Any) -> Any:
 
     base = {"model_uri": "models:/served@champion", "tracking_uri": registered["uri"], "port": PORT,
             "adapters": ["models:/served/3"], "ab": {"enabled": True, "challenger_share": 0.5},
-            "engine": {"max_model_len": 128, "kv_cache_gib": 0.5}, "max_ongoing_requests": 4,
+            "engine": {"max_model_len": 128}, "max_ongoing_requests": 4,
             "max_queued_requests": 8, "block_list": ["forbiddenword"], "limits": {"max_tokens": 64},
             "auth": {"api_key_hashes": [__import__("hashlib").sha256(KEY.encode()).hexdigest()]},
             "tls": {"certfile": tls["cert"], "keyfile": tls["key"]}, "audit_log": STATE["audit"]}
