@@ -379,7 +379,7 @@ def build_app(args: dict[str, Any] | ServeSettings) -> Any:
     serving/config/privlm-serve.yaml for `serve deploy`. `privlm serve up` deploys with `deploy` instead."""
     settings = prepare(args)
     routes, everything = plan(settings)
-    engines = {name: llm_deployment(dep, settings) for name, dep in group(everything).items()}
+    engines = {name: llm_deployment(dep, settings) for name, dep in group(everything, settings.engine).items()}
     return gateway(settings, routes, engines)
 
 

@@ -44,7 +44,7 @@ def deploy(settings: ServeSettings, warm: tuple[str, ...] = (), app_name: str = 
 
     settings = prepare(settings)
     routes, everything = plan(settings, warm)
-    deployments = group(everything)
+    deployments = group(everything, settings.engine)
     running = running_apps()
     engines: dict[str, tuple[str, str]] = {}
     for name, dep in deployments.items():

@@ -120,6 +120,24 @@ def _resolve_dir(path: Path, quantization: str) -> Served:
     return Served(label, label, str(path.resolve()), chat_template=chat_template(path))
 
 
+def check_runs_here(served: Served, engine: Engine) -> None:
+    """Refuse, before anything starts, a model vLLM's CPU attention cannot run (it supports a fixed set of
+    head sizes; an unsupported one kills the engine at the first request)."""
+    import json
+
+    if engine.gpus_per_replica:
+        return
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    config = json.loads((Path(served.base_dir) / "config.json").read_text())
+    head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head not in sizes:
+        raise ServingError(f"{served.base_label} has attention head size {head} (hidden_size / num_heads); vLLM's "
+                           f"CPU build runs head sizes {sizes}: serve it on a GPU (engine.gpus_per_replica) or "
+                           "train with a supported head size")
+
+
 def _quantized(name: str, version: str, settings: ServeSettings) -> str:
     """The version quantized from `version` with the settings' scheme, checked to run on this device."""
     from mlops.quantize import check_scheme
@@ -166,10 +184,12 @@ class EngineDeployment:
     adapters: dict[str, str] = field(default_factory=dict)
 
 
-def group(served: list[Served]) -> dict[str, EngineDeployment]:
-    """Deployments by name; versions with one base share it."""
+def group(served: list[Served], engine: Engine) -> dict[str, EngineDeployment]:
+    """Deployments by name (versions with one base share it), each checked to run on this kind of replica."""
     out: dict[str, EngineDeployment] = {}
     for s in served:
+        if s.deployment not in out:
+            check_runs_here(s, engine)
         dep = out.setdefault(s.deployment, EngineDeployment(s))
         if s.adapter_dir:
             dep.adapters[s.engine_model] = s.adapter_dir

@@ -29,11 +29,13 @@ STATE: dict[str, Any] = {}
 
 
 def save_model(out: Path, data_dir: Path, seed: int) -> Path:
-    """A randomly initialised SMALL model with the prepared tokenizer, in Hugging Face format."""
+    """A randomly initialised SMALL-sized model (head size 32: vLLM's CPU attention needs >= 32) with the
+    prepared tokenizer, in Hugging Face format."""
     from jobs.recipe import ModelConfig
     from jobs.train.model import build_model
 
-    cfg = ModelConfig.model_validate({**SMALL["model"], "vocab_size": 1024})
+    cfg = ModelConfig.model_validate({**SMALL["model"], "hidden_size": 128, "intermediate_size": 256,
+                                      "vocab_size": 1024})
     build_model(cfg, seed, eos_id=0).save_pretrained(out)
     for f in (data_dir / "tokenizer").iterdir():
         shutil.copy2(f, out / f.name)
@@ -147,9 +149,9 @@ def test_openai_client_over_tls_completions_chat_stream_and_models(endpoint) -> 
     assert {m.id for m in oai.models.list().data} == {"served", "served-v3"}
     assert oai.models.retrieve("served").id == "served"
     done = oai.completions.create(model="served", prompt=["def main", "import os"], max_tokens=4, n=2,
-                                  logprobs=2, temperature=0)
+                                  logprobs=2, temperature=0.8)
     assert len(done.choices) == 4 and done.usage.completion_tokens <= 16
-    assert len(done.choices[0].logprobs.tokens) == done.usage.completion_tokens // 4 or done.choices[0].logprobs
+    assert all(len(c.logprobs.top_logprobs[0]) >= 2 for c in done.choices)
     chat = oai.chat.completions.create(model="served@champion", messages=[
         {"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
         max_completion_tokens=20, temperature=0, extra_body={})

