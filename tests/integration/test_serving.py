@@ -393,3 +393,23 @@ def test_rollout_to_a_new_champion_fails_no_request(gateway_default) -> None:
         ep["registered"]["client"].set_registered_model_alias("served", "champion", "1")
     assert failures == []
     assert seen[0] == "served/v1" and seen[-1] == "served/v2"
+
+
+def test_schemathesis_finds_no_server_error(endpoint) -> None:
+    """A bounded fuzz of both endpoints from the live OpenAPI schema: every answer is < 500 and OpenAI-shaped."""
+    import schemathesis
+    from hypothesis import HealthCheck, given
+    from hypothesis import settings as hsettings
+
+    with client(endpoint["tls"]) as c:
+        schema = schemathesis.openapi.from_dict(c.get("/openapi.json").json())
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        @hsettings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+        @given(case=schema[path]["POST"].as_strategy())
+        def fuzz(case, path=path) -> None:
+            r = post(endpoint, path, case.body if isinstance(case.body, dict) else None,
+                     raw=None if isinstance(case.body, dict) else json.dumps(case.body).encode())
+            assert r.status_code < 500, (case.body, r.text)
+            assert r.status_code == 200 or set(r.json()["error"]) >= {"message", "type", "param"}
+
+        fuzz()
