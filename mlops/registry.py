@@ -214,7 +214,7 @@ def local_model_dir(model_uri: str, uri: str | None = None, cache: Path | None =
 
     Versions logged with the transformers flavor keep the weights in `model/` and the tokenizer in
     `components/tokenizer/`; other versions (quantized checkpoints, adapters) are flat directories.
-    Downloaded once per version into `cache` (default: ~/.cache/privlm/models).
+    Downloaded once per version (and registry, and artifact) into `cache` (default: ~/.cache/privlm/models).
     """
     import shutil
 
@@ -224,7 +224,8 @@ def local_model_dir(model_uri: str, uri: str | None = None, cache: Path | None =
     if not version.isdigit():
         raise RegistryError(f"{model_uri!r} is not models:/NAME/VERSION; resolve the alias first")
     mv = get_version(name, version, uri)
-    target = (cache or Path.home() / ".cache" / "privlm" / "models") / name / f"v{version}"
+    digest = hashlib.sha256(f"{uri or tracking_uri()} {mv.source}".encode()).hexdigest()[:10]
+    target = (cache or Path.home() / ".cache" / "privlm" / "models") / name / f"v{version}-{digest}"
     if (target / "config.json").is_file() or (target / "adapter_config.json").is_file():
         return target
     staging = target.with_name(target.name + ".partial")
