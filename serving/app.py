@@ -101,7 +101,8 @@ class Gateway:
     # --- routes -------------------------------------------------------------------------------
     @api.get("/health")
     async def health(self) -> dict[str, str]:
-        return {"status": "ok"}
+        """`settings`: a digest of the settings this replica runs with (a rollout is done when it changes)."""
+        return {"status": "ok", "settings": settings_digest(self.settings)}
 
     @api.get("/metrics")
     async def prometheus(self, request: Request) -> Any:
@@ -162,8 +163,6 @@ class Gateway:
             version, text = served.version, req.text()
             max_tokens = self._check_limits(req)
             body = engine_request(req, served.engine_model, max_tokens)
-            if chat and served.chat_template:
-                body["chat_template"] = served.chat_template
             if req.stream:
                 return await self._stream(served, body, req, chat, started, caller, endpoint, text)
             result = await self._complete(served, arm, body, chat)
@@ -360,6 +359,10 @@ class Gateway:
             line["prompt"] = prompt
         with open(self.audit, "a") as fh:
             fh.write(json.dumps(line) + "\n")
+
+
+def settings_digest(settings: ServeSettings) -> str:
+    return hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:12]
 
 
 def prepare(args: dict[str, Any] | ServeSettings) -> ServeSettings:

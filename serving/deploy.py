@@ -53,12 +53,33 @@ def deploy(settings: ServeSettings, warm: tuple[str, ...] = (), app_name: str = 
             serve.run(llm_deployment(dep, settings), name=app, route_prefix=None)
         engines[name] = (name, app)
     serve.run(gateway(settings, routes, engines), name=app_name, route_prefix="/")
+    wait_for_gateway(settings)
     if not keep_unused:
         used = {app for _, app in engines.values()}
         for app in running_apps() - used:
             if app.startswith(ENGINE_PREFIX):
                 serve.delete(app, _blocking=False)
     return routes["champion"].version
+
+
+def wait_for_gateway(settings: ServeSettings, timeout_s: float = 60) -> None:
+    """Until the old gateway replica has drained: Serve's proxy may route to it for a moment after serve.run."""
+    import time
+
+    import httpx
+
+    from serving.app import settings_digest
+
+    want, scheme = settings_digest(settings), "https" if settings.tls else "http"
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    deadline, streak = time.monotonic() + timeout_s, 0
+    while streak < 5 and time.monotonic() < deadline:  # five answers in a row from the new settings
+        try:  # only a digest is read: the certificate is not checked on this loopback call
+            got = httpx.get(f"{scheme}://{host}:{settings.port}/health", verify=False, timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            got = {}
+        streak = streak + 1 if got.get("settings") == want else 0
+        time.sleep(0.1)
 
 
 def roll_to(settings: ServeSettings, new_champion_uri: str) -> str:

@@ -196,7 +196,8 @@ def group(served: list[Served], engine: Engine) -> dict[str, EngineDeployment]:
     return out
 
 
-def engine_kwargs(engine: Engine, adapters: int) -> dict[str, Any]:
+def engine_kwargs(engine: Engine, adapters: int, chat_template: str | None = None) -> dict[str, Any]:
+    """vLLM's engine (and frontend) arguments for one deployment."""
     kwargs: dict[str, Any] = {"dtype": "float32" if engine.dtype == "auto" and not engine.gpus_per_replica
                               else engine.dtype, "max_num_seqs": engine.max_num_seqs}
     if engine.max_model_len:
@@ -204,6 +205,8 @@ def engine_kwargs(engine: Engine, adapters: int) -> dict[str, Any]:
     if engine.gpus_per_replica:
         kwargs.update(tensor_parallel_size=engine.gpus_per_replica,
                       gpu_memory_utilization=engine.gpu_memory_utilization)
+    if chat_template:
+        kwargs["chat_template"] = chat_template
     if adapters:
         kwargs.update(enable_lora=True, max_loras=adapters, max_lora_rank=engine.max_lora_rank)
     return {**kwargs, **engine.extra}
@@ -225,7 +228,7 @@ def llm_deployment(dep: EngineDeployment, settings: ServeSettings) -> Any:
         deployment["num_replicas"] = settings.num_replicas
     env = {"VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib)} if not engine.gpus_per_replica else {}
     config = LLMConfig(model_loading_config={"model_id": dep.base.deployment, "model_source": dep.base.base_dir},
-                       engine_kwargs=engine_kwargs(engine, len(dep.adapters)),
+                       engine_kwargs=engine_kwargs(engine, len(dep.adapters), dep.base.chat_template),
                        placement_group_config={"bundles": bundles}, deployment_config=deployment,
                        runtime_env={"env_vars": env})
     return build_llm_deployment(config, name_prefix="", deployment_cls=AdapterLLMServer,
