@@ -355,12 +355,14 @@ def main() -> None:
             for key, model_dir in models.items():
                 label = f"{system} / {key}"
                 progress.update(task, description=f"{label}: starting")
-                t0 = time.perf_counter()
+                t0, load_before = time.perf_counter(), os.getloadavg()[0]
                 with server(model_dir) as (url, name):
                     startup = time.perf_counter() - t0
                     plan = {"label": label, "levels": levels, "max_tokens": token_counts}
                     result = measure(url, name, key, plan, progress, task, opts.quick)
-                systems.setdefault(system, {})[key] = {"startup_s": startup, "by_max_tokens": result}
+                systems.setdefault(system, {})[key] = {
+                    "startup_s": startup, "load_average_1m": [load_before, os.getloadavg()[0]],  # a busy machine?
+                    "by_max_tokens": result}
                 progress.console.log(f"{label}: started in {startup:.0f} s, " + ", ".join(
                     f"{t} tok @{c}: {r['requests_per_s']:.1f} req/s {r['tokens_per_s']:.0f} tok/s"
                     for t, by in result.items() for c, r in by.items()))
