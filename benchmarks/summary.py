@@ -17,8 +17,70 @@ def _load(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _row(figure: str, value: str, baseline: str, ratio: float, target: str, met: bool) -> str:
-    return f"| {figure} | {value} | {baseline} | {ratio:.2f} | {target} | {'yes' if met else '**no**'} |"
+def _row(figure: str, value: str, baseline: str, ratio: float | None, target: str, met: bool | None) -> str:
+    shown = "-" if ratio is None else f"{ratio:.2f}"
+    verdict = "-" if met is None else "yes" if met else "**no**"
+    return f"| {figure} | {value} | {baseline} | {shown} | {target} | {verdict} |"
+
+
+def _level(serve: dict[str, Any], system: str, model: str, tokens: int, clients: int) -> dict[str, Any]:
+    return serve["systems"].get(system, {}).get(model, {}).get("by_max_tokens", {}).get(str(tokens), {}).get(
+        str(clients), {})
+
+
+def serve_rows(serve: dict[str, Any]) -> list[str]:
+    """Ours against bare vLLM (demo model, 16 tokens) and the previous endpoint (~100M, 128 tokens)."""
+    tg, out = serve["targets"], []
+    for clients in (8, 32):
+        ratio = serve.get(f"ratio_to_bare_vllm_at_{clients}")
+        if ratio is None:
+            continue
+        ours, bare = _level(serve, "ours", "demo", 16, clients), _level(serve, "bare_vllm", "demo", 16, clients)
+        out.append(_row(f"endpoint req/s at {clients} clients (demo model, 16 tokens)",
+                        f"{ours['requests_per_s']:.1f}", f"{bare['requests_per_s']:.1f} (bare vLLM server)", ratio,
+                        f">= {tg['ratio_to_bare_vllm_min']}", ratio >= tg["ratio_to_bare_vllm_min"]))
+    ratio = serve.get("ratio_to_previous_at_32")
+    if ratio is not None:
+        ours, prev = _level(serve, "ours", "llama100m", 128, 32), _level(serve, "previous", "llama100m", 128, 32)
+        out.append(_row("endpoint tokens/s at 32 clients (~100M params, 128 tokens)", f"{ours['tokens_per_s']:.0f}",
+                        f"{prev['tokens_per_s']:.0f} (previous static-batching endpoint)", ratio,
+                        f">= {tg['ratio_to_previous_at_32_min']}", ratio >= tg["ratio_to_previous_at_32_min"]))
+    p99 = serve.get("p99_at_32_demo_16_s")
+    if p99 is not None:
+        bare = _level(serve, "bare_vllm", "demo", 16, 32).get("p99_s")
+        out.append(_row("endpoint p99 latency at 32 clients (demo model, 16 tokens)", f"{p99:.2f} s",
+                        f"{bare:.2f} s (bare vLLM server)" if bare is not None else "-",
+                        p99 / bare if bare else None, f"<= {tg['p99_at_32_demo_16_max_s']} s",
+                        p99 <= tg["p99_at_32_demo_16_max_s"]))
+    return out
+
+
+def quantize_rows(q: dict[str, Any]) -> list[str]:
+    """Bytes and tokens/s of the quantized checkpoint against fp32, from whatever of them quantize.json holds
+    (benchmarks/quantize.py: `bytes_ratio`, `speedup_batch_N`, per-scheme `bytes`, `tokens_per_s_batch_N`)."""
+    tg, out = q.get("targets") or {}, []
+    fp32 = q.get("fp32") if isinstance(q.get("fp32"), dict) else {}
+    scheme = next((k for k, v in q.items() if k != "fp32" and isinstance(v, dict) and "bytes" in v), None)
+    quant = q.get(scheme, {}) if scheme else {}
+    label = scheme or "quantized"
+    ratio = q.get("bytes_ratio")
+    if isinstance(ratio, int | float):
+        limit = tg.get("bytes_ratio_max")
+        out.append(_row(f"{label} checkpoint bytes", f"{quant['bytes'] / 1e6:.0f} MB" if "bytes" in quant else "-",
+                        f"{fp32['bytes'] / 1e6:.0f} MB (fp32)" if "bytes" in fp32 else "fp32", ratio,
+                        f"<= {limit}" if limit is not None else "-", None if limit is None else ratio <= limit))
+    for key in sorted(k for k in q if k.startswith("speedup")):
+        speed = q[key]
+        if not isinstance(speed, int | float):
+            continue
+        batch = key.removeprefix("speedup").strip("_")
+        rate = f"tokens_per_s_{batch}" if batch else "tokens_per_s"
+        floor = tg.get(f"{key}_min", tg.get("speedup_min"))
+        out.append(_row(f"{label} generation tokens/s" + (f" ({batch.replace('_', ' ')})" if batch else ""),
+                        f"{quant[rate]:.0f}" if rate in quant else "-",
+                        f"{fp32[rate]:.0f} (fp32)" if rate in fp32 else "fp32", speed,
+                        f">= {floor}" if floor is not None else "-", None if floor is None else speed >= floor))
+    return out
 
 
 def rows() -> tuple[list[str], list[str]]:
@@ -32,24 +94,16 @@ def rows() -> tuple[list[str], list[str]]:
                         f">= {train['target_ratio']}", train["ratio_tokens_per_s"] >= train["target_ratio"]))
         machines.append(("train.json", train["machine"]))
     serve = _load("serve")
-    if serve:
-        tg, q = serve["targets"], serve["int8_vs_fp32_100m"]
-        e8 = serve["endpoint_batched"]["8"]["requests_per_s"]
-        out.append(_row("endpoint req/s at 8 clients (batched)", f"{e8:.1f}",
-                        f"{serve['in_process_batched']['8']['requests_per_s']:.1f} (in-process batched)",
-                        serve["ratio_batched_to_in_process_at_8"], f">= {tg['batched_to_in_process_at_8']}",
-                        serve["ratio_batched_to_in_process_at_8"] >= tg["batched_to_in_process_at_8"]))
-        out.append(_row("endpoint req/s at 8 clients (batched)", f"{e8:.1f}",
-                        f"{serve['endpoint_unbatched']['8']['requests_per_s']:.1f} (unbatched endpoint)",
-                        serve["ratio_batched_to_unbatched_at_8"], f">= {tg['batched_to_unbatched_at_8']}",
-                        serve["ratio_batched_to_unbatched_at_8"] >= tg["batched_to_unbatched_at_8"]))
-        out.append(_row("int8 model bytes (~100M params)", f"{q['int8_bytes'] / 1e6:.0f} MB",
-                        f"{q['fp32_bytes'] / 1e6:.0f} MB (fp32)", q["bytes_ratio"],
-                        f"<= {tg['int8_bytes_ratio_max']}", q["bytes_ratio"] <= tg["int8_bytes_ratio_max"]))
-        out.append(_row("int8 generation tokens/s (~100M params)", f"{q['int8_tokens_per_s']:.0f}",
-                        f"{q['fp32_tokens_per_s']:.0f} (fp32)", q["speedup"], f">= {tg['int8_speedup_min']}",
-                        q["speedup"] >= tg["int8_speedup_min"]))
+    if serve and "ratio_to_bare_vllm_at_8" in serve:
+        out += serve_rows(serve)
         machines.append(("serve.json", serve["machine"]))
+    elif serve:
+        out.append("| serve.json predates the vLLM benchmark: rerun `benchmarks/serve.py` | | | | | |")
+    quant = _load("quantize")
+    if quant:
+        out += quantize_rows(quant)
+        if quant.get("machine"):
+            machines.append(("quantize.json", quant["machine"]))
     goodput = _load("goodput")
     if goodput:
         p, b = goodput["preempted"], goodput["baseline"]
