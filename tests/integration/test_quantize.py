@@ -154,7 +154,7 @@ def test_cli_quantizes_with_calibration_to_fp8(quantized, small_data: Path, monk
     version = found.group(1)
     tags = quantized["client"].get_model_version(NAME, version).tags
     assert tags["privlm.calibration"].startswith(f"{small_data.resolve()} (")
-    assert "clip chosen on 8 train blocks" in tags["privlm.calibration"]
+    assert "weight clip chosen per layer for 14 layers on 8 train blocks" in tags["privlm.calibration"]
     assert abs(float(tags["eval.perplexity_delta"])) < 0.05
     with safe_open(str(download(quantized, version) / "model.safetensors"), "pt") as st:
         assert st.get_slice("model.layers.0.mlp.up_proj.weight").get_dtype() == "F8_E4M3"
