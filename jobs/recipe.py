@@ -283,6 +283,8 @@ class PromotionPolicy(Strict):
     metric: str = "eval_perplexity"
     direction: Literal["minimize", "maximize"] = "minimize"
     min_margin: float = Field(0.0, ge=0, description="absolute improvement the challenger must show")
+    max_quantized_perplexity_delta: float = Field(
+        0.05, ge=0, description="a quantized challenger's highest relative perplexity rise over its parent")
 
 
 class RegistryConfig(Strict):

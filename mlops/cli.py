@@ -1,4 +1,4 @@
-"""`privlm model ...`: register, evaluate, promote, roll back and inspect models in MLflow."""
+"""`privlm model ...`: register, evaluate, quantize, promote, roll back and inspect models in MLflow."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ model_app = typer.Typer(help="MLflow registry: register, evaluate, promote by al
                         no_args_is_help=True)
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception, code: int = 1) -> None:
     typer.secho(str(exc), fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 @model_app.command("register")
@@ -48,6 +48,31 @@ def evaluate(name: str, version: str,
         _fail(exc)
     typer.echo(f"{name}/{result['version']}: perplexity {result['eval_perplexity']:.3f} on {result['eval_blocks']} "
                f"blocks; generation {'ok' if result['generation_ok'] else 'FAILED'}: {result['sample']!r}")
+
+
+@model_app.command("quantize")
+def quantize(name: str, version: str,
+             scheme: str = typer.Option(..., help="w8a8 (int8 weights and activations, runs on CPU), w4a16, ..."),
+             calibration: Path = typer.Option(None, help="prepared data dir whose train blocks choose a clip ratio "
+                                                         "per layer (default: plain absmax)"),
+             device: str = typer.Option("auto", help="where the checkpoint will be served: cpu, cuda or auto"),
+             max_blocks: int = typer.Option(64, help="eval blocks to score, parent and quantized"),
+             verify_vllm: bool = typer.Option(False, help="also load it in vLLM offline and generate (~30 s)")) -> None:
+    """Quantize NAME/VERSION for vLLM, compare perplexity with it, register the result as a new version."""
+    from mlops.quantize import QuantizeRefused, quantize_version
+    from mlops.registry import RegistryError
+
+    try:
+        r = quantize_version(name, version, scheme, calibration, device=None if device == "auto" else device,
+                             max_blocks=max_blocks, verify_vllm=verify_vllm)
+    except QuantizeRefused as exc:
+        _fail(exc, 2)
+    except RegistryError as exc:
+        _fail(exc)
+    vllm = f"; vLLM generated {r['vllm']['tokens']} tokens" if r["vllm"] else ""
+    typer.echo(f"{name}/{r['version']}: {scheme} of {r['parent']}, {r['bytes'] / 1e6:.1f} MB (parent "
+               f"{r['parent_bytes'] / 1e6:.1f} MB); perplexity {r['eval_perplexity']:.3f} vs "
+               f"{r['parent_perplexity']:.3f} ({r['perplexity_delta']:+.2%}){vllm}")
 
 
 @model_app.command("promote")

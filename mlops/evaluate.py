@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlops.registry import RegistryError, get_version, load_components
+from mlops.registry import RegistryError, get_version, load_components, local_model_dir
 from mlops.tracking import client, experiment_id
 
 SANITY_PROMPT = "def "
@@ -57,32 +57,54 @@ def generation_check(model: Any, tokenizer: Any, new_tokens: int = 24) -> dict[s
             "passed": len(generated) > 0 and distinct > 0.1}
 
 
+def score(model: Any, tokenizer: Any, data: Path, max_blocks: int) -> tuple[dict[str, float], str]:
+    """Perplexity and the generation check of a loaded model: (metrics, generated sample)."""
+    t0 = time.perf_counter()
+    ppl, blocks = perplexity(model, data, max_blocks)
+    sanity = generation_check(model, tokenizer)
+    return ({"eval_perplexity": ppl, "eval_loss": math.log(ppl), "eval_blocks": blocks,
+             "generation_ok": float(sanity["passed"]), "generation_distinct_ratio": sanity["distinct_ratio"],
+             "eval_seconds": time.perf_counter() - t0}, sanity["text"])
+
+
+def log_evaluation(name: str, version: str, result: dict[str, float], data: Path, sample: str,
+                   uri: str | None = None) -> str:
+    """Record eval metrics on the version (tags `eval.*`) and in an evaluation run (metrics); returns the dataset id."""
+    dataset = _dataset_id(data)
+    mlflow_client = client(uri)
+    for key, value in result.items():
+        mlflow_client.set_model_version_tag(name, version, f"eval.{key}", f"{value:.6g}")
+    mlflow_client.set_model_version_tag(name, version, "eval.dataset", dataset)
+    mlflow_client.set_model_version_tag(name, version, "eval.sample", sample[:500])
+    run = mlflow_client.create_run(experiment_id(mlflow_client, "privlm-evaluations"),
+                                   run_name=f"eval-{name}-v{version}",
+                                   tags={"privlm.model": name, "privlm.version": str(version),
+                                         "privlm.eval_dataset": dataset})
+    for key, value in result.items():
+        mlflow_client.log_metric(run.info.run_id, key, value)
+    mlflow_client.set_terminated(run.info.run_id)
+    return dataset
+
+
 def evaluate_version(name: str, version: str, data_dir: Path | None = None, max_blocks: int = 64,
                      uri: str | None = None) -> dict[str, Any]:
     """Compute and log eval metrics to the version (tags) and to an evaluation run (metrics)."""
     mv = get_version(name, version, uri)
     data = eval_data_dir(mv, data_dir)
-    model, tokenizer = load_components(f"models:/{name}/{mv.version}", uri)
-    t0 = time.perf_counter()
-    ppl, blocks = perplexity(model, data, max_blocks)
-    sanity = generation_check(model, tokenizer)
-    result = {"eval_perplexity": ppl, "eval_loss": math.log(ppl), "eval_blocks": blocks,
-              "generation_ok": float(sanity["passed"]), "generation_distinct_ratio": sanity["distinct_ratio"],
-              "eval_seconds": time.perf_counter() - t0}
-    dataset = _dataset_id(data)
-    mlflow_client = client(uri)
-    for key, value in result.items():
-        mlflow_client.set_model_version_tag(name, mv.version, f"eval.{key}", f"{value:.6g}")
-    mlflow_client.set_model_version_tag(name, mv.version, "eval.dataset", dataset)
-    mlflow_client.set_model_version_tag(name, mv.version, "eval.sample", sanity["text"][:500])
-    run = mlflow_client.create_run(experiment_id(mlflow_client, "privlm-evaluations"),
-                                   run_name=f"eval-{name}-v{mv.version}",
-                                   tags={"privlm.model": name, "privlm.version": str(mv.version),
-                                         "privlm.eval_dataset": dataset})
-    for key, value in result.items():
-        mlflow_client.log_metric(run.info.run_id, key, value)
-    mlflow_client.set_terminated(run.info.run_id)
-    return {**result, "dataset": dataset, "sample": sanity["text"], "version": str(mv.version)}
+    model, tokenizer = _load_for_eval(mv, uri)
+    result, sample = score(model, tokenizer, data, max_blocks)
+    dataset = log_evaluation(name, str(mv.version), result, data, sample, uri)
+    return {**result, "dataset": dataset, "sample": sample, "version": str(mv.version)}
+
+
+def _load_for_eval(mv: Any, uri: str | None) -> tuple[Any, Any]:
+    """(model, tokenizer): the transformers flavor, or for a quantized version its plain checkpoint directory."""
+    if "privlm.quantized_from" not in mv.tags:
+        return load_components(f"models:/{mv.name}/{mv.version}", uri)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = local_model_dir(f"models:/{mv.name}/{mv.version}", uri)
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
 def _dataset_id(data_dir: Path) -> str:

@@ -131,9 +131,17 @@ def _metric(mv: Any, policy: PromotionPolicy) -> float:
 
 def gate(challenger: Any, champion: Any | None, policy: PromotionPolicy) -> tuple[bool, str]:
     """Does the challenger beat the champion by the policy? (verdict, explanation with both numbers)"""
+    refused = _quantization_refusal(challenger, policy)
+    if refused:
+        return False, refused
     c = _metric(challenger, policy)
     if champion is None:
         return True, f"first champion: {policy.metric}={c:.4f}"
+    if challenger.tags.get("privlm.quantized_from") == f"{champion.name}/{champion.version}":
+        return True, (f"v{challenger.version} is the champion v{champion.version} quantized "
+                      f"({challenger.tags.get('privlm.quant_scheme')}), perplexity_delta "
+                      f"{float(challenger.tags['eval.perplexity_delta']):.4f} within "
+                      f"max_quantized_perplexity_delta {policy.max_quantized_perplexity_delta}")
     p = _metric(champion, policy)
     if challenger.tags.get("eval.dataset") != champion.tags.get("eval.dataset"):
         raise PromotionRefused(
@@ -146,6 +154,23 @@ def gate(challenger: Any, champion: Any | None, policy: PromotionPolicy) -> tupl
     if improvement > policy.min_margin:
         return True, f"{numbers}: better by {improvement:.4f}"
     return False, f"{numbers}: improvement {improvement:.4f} is not above the margin"
+
+
+def _quantization_refusal(challenger: Any, policy: PromotionPolicy) -> str | None:
+    """Why a quantized challenger lost too much against its parent, or None (not quantized, or within the cap)."""
+    parent = challenger.tags.get("privlm.quantized_from")
+    if parent is None:
+        return None
+    delta = challenger.tags.get("eval.perplexity_delta")
+    if delta is None:
+        return (f"v{challenger.version} is quantized from {parent} but has no eval.perplexity_delta; "
+                f"quantize again with `privlm model quantize {parent.replace('/', ' ')} --scheme ...`")
+    cap = policy.max_quantized_perplexity_delta
+    if float(delta) <= cap:
+        return None
+    return (f"v{challenger.version} (quantized from {parent}, {challenger.tags.get('privlm.quant_scheme')}) has "
+            f"perplexity_delta {float(delta):.4f} above max_quantized_perplexity_delta {cap}; use a scheme with more "
+            "bits, add --calibration, or raise registry.promotion.max_quantized_perplexity_delta in the recipe")
 
 
 def promote_champion(name: str, overrides: dict[str, Any] | None = None, reason: str = "",
