@@ -72,6 +72,11 @@ def _tidy(obj: Any) -> Any:
     return obj
 
 
+def settings_digest(settings: ServeSettings) -> str:
+    """Defined before the Gateway: serve.ingress pickles the FastAPI app (and what it refers to) at decoration."""
+    return hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:12]
+
+
 @serve.deployment(max_ongoing_requests=1024)
 @serve.ingress(api)
 class Gateway:
@@ -359,10 +364,6 @@ class Gateway:
             line["prompt"] = prompt
         with open(self.audit, "a") as fh:
             fh.write(json.dumps(line) + "\n")
-
-
-def settings_digest(settings: ServeSettings) -> str:
-    return hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:12]
 
 
 def prepare(args: dict[str, Any] | ServeSettings) -> ServeSettings:
