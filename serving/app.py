@@ -26,7 +26,7 @@ from ray.serve.exceptions import BackPressureError
 
 from serving.api import ApiError, ChatRequest, CompletionRequest, engine_request, parse
 from serving.auth import ANONYMOUS, Authenticator, Caller, env_key_hashes
-from serving.engine import Served, ServingError, group, llm_deployment, resolve, served_name, slug
+from serving.engine import Served, ServingError, check_quantization, group, llm_deployment, resolve, served_name, slug
 from serving.filter import BlockList
 from serving.settings import ServeSettings
 
@@ -376,6 +376,7 @@ def prepare(args: dict[str, Any] | ServeSettings) -> ServeSettings:
                            "keys) or auth.api_key_hashes, use auth.mode: jwt, or set auth.mode: none to serve "
                            "without authentication")
     settings = settings.model_copy(update={"auth": auth.model_copy(update={"api_key_hashes": hashes})})
+    check_quantization(settings)
     if settings.tracking_uri is None:
         from mlops.tracking import tracking_uri
 

@@ -87,7 +87,7 @@ def follow_champion(settings: Any, current: str, interval_s: float, rounds: int 
 def up(model_uri: str = typer.Argument(None, help="models:/NAME@champion (default) or a model directory"),
        config: Path = typer.Option(CONFIG, help="a Serve config file whose privlm application args to use"),
        port: int = typer.Option(None, help="HTTP port (default from the config: 8000)"),
-       quantization: str = typer.Option(None, help="serve the version quantized with this scheme (w8a8-int8 ...)"),
+       quantization: str = typer.Option(None, help="serve the version quantized with this scheme (w8a8 ...)"),
        watch: bool = typer.Option(False, help="keep running and roll out each new champion"),
        interval: float = typer.Option(10.0, help="seconds between alias checks with --watch")) -> None:
     """Serve MODEL_URI on a Ray cluster (a local one is started if none runs)."""

@@ -138,12 +138,22 @@ def check_runs_here(served: Served, engine: Engine) -> None:
                            "train with a supported head size")
 
 
+def check_quantization(settings: ServeSettings) -> None:
+    """A scheme this kind of replica cannot run (vLLM 0.32, measured) is refused before anything starts."""
+    if settings.quantization == "none":
+        return
+    from mlops.quantize import check_scheme
+
+    engine = settings.engine
+    dtype = engine.dtype if engine.dtype != "auto" else ("bfloat16" if engine.gpus_per_replica else "float32")
+    check_scheme(settings.quantization, "cuda" if engine.gpus_per_replica else "cpu", dtype)
+
+
 def _quantized(name: str, version: str, settings: ServeSettings) -> str:
     """The version quantized from `version` with the settings' scheme, checked to run on this device."""
-    from mlops.quantize import check_scheme
     from mlops.tracking import client
 
-    check_scheme(settings.quantization, "cuda" if settings.engine.gpus_per_replica else "cpu")
+    check_quantization(settings)
     found = client(settings.tracking_uri).search_model_versions(
         f"name = '{name}' and tags.`privlm.quantized_from` = '{name}/{version}' "
         f"and tags.`privlm.quant_scheme` = '{settings.quantization}'")

@@ -139,3 +139,14 @@ def test_a_head_size_vllm_cpu_cannot_run_is_refused_before_start(tmp_path) -> No
     check_runs_here(served, Engine(gpus_per_replica=1))  # GPUs run it
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 128, "num_attention_heads": 4}))
     check_runs_here(served, Engine())
+
+
+def test_a_scheme_this_machine_cannot_run_is_refused_at_the_edge() -> None:
+    from mlops.quantize import QuantizeRefused
+    from serving.app import prepare
+
+    with pytest.raises(QuantizeRefused, match=r"'w4a16' needs a GPU.*w8a8"):
+        prepare({"quantization": "w4a16", "auth": {"mode": "none"}, "tracking_uri": "sqlite:///x.db"})
+    with pytest.raises(QuantizeRefused, match="unknown quantization scheme"):
+        prepare({"quantization": "int3", "auth": {"mode": "none"}, "tracking_uri": "sqlite:///x.db"})
+    assert prepare({"quantization": "w8a8", "auth": {"mode": "none"}, "tracking_uri": "sqlite:///x.db"})
