@@ -90,6 +90,7 @@ def registered(small_data: Path, mlflow_server, tmp_path_factory: pytest.TempPat
         client.create_model_version("served", uri, run_id=run, model_id=model_id)
     run = client.create_run(exp).info.run_id
     log_adapter(save_adapter(tmp / "m1", tmp / "adapter"), "served", "1", run, mlflow_server.uri)
+    client.set_model_version_tag("served", "1", "privlm.data_dir", str(small_data))  # its held-out split
     client.set_registered_model_alias("served", "champion", "1")
     client.set_registered_model_alias("served", "challenger", "2")
     return {"uri": mlflow_server.uri, "client": client}
@@ -417,3 +418,15 @@ def test_schemathesis_finds_no_server_error(endpoint) -> None:
 
     for path in ("/v1/completions", "/v1/chat/completions"):
         fuzzer(path)()
+
+
+def test_the_quantized_version_is_served_by_scheme(endpoint) -> None:
+    """Last in the module: it replaces the module's engines with the w8a8 one."""
+    from mlops.quantize import quantize_version
+
+    quantize_version("served", "1", "w8a8", uri=endpoint["registered"]["uri"])
+    endpoint["deploy"](quantization="w8a8", adapters=[], ab={"enabled": False})
+    r = post(endpoint, "/v1/completions", {"model": "served", "prompt": "def main", "max_tokens": 8})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
+    mv = endpoint["registered"]["client"].get_model_version("served", r.headers["x-privlm-model-version"][8:])
+    assert mv.tags["privlm.quantized_from"] == "served/1" and mv.tags["privlm.quant_scheme"] == "w8a8"
