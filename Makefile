@@ -38,6 +38,7 @@ test: venv system lint
 bench: venv
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/quantize.py
 	$(PY) benchmarks/goodput.py
 	$(PY) benchmarks/summary.py
 
