@@ -150,3 +150,13 @@ def test_a_scheme_this_machine_cannot_run_is_refused_at_the_edge() -> None:
     with pytest.raises(QuantizeRefused, match="unknown quantization scheme"):
         prepare({"quantization": "int3", "auth": {"mode": "none"}, "tracking_uri": "sqlite:///x.db"})
     assert prepare({"quantization": "w8a8", "auth": {"mode": "none"}, "tracking_uri": "sqlite:///x.db"})
+
+
+def test_serve_up_finds_ray_without_an_activated_venv(monkeypatch) -> None:
+    import sys
+    from pathlib import Path
+
+    from serving.cli import ray_cli
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # as `.venv/bin/privlm` runs from a plain shell
+    assert Path(ray_cli()) == Path(sys.executable).parent / "ray" and Path(ray_cli()).is_file()
