@@ -8,7 +8,7 @@ surrogates is a 400 too. What passes is handed to vLLM's own request models unch
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -40,9 +40,6 @@ def clean_text(value: str, field: str) -> str:
     except UnicodeEncodeError:
         raise ValueError(f"{field} contains a lone surrogate (invalid UTF-16 escape)") from None
     return value
-
-
-Text = Annotated[str, Field(max_length=1_000_000)]
 
 
 class _Strict(BaseModel):
@@ -114,10 +111,6 @@ class _Request(_Strict):
     def requested_tokens(self) -> int | None:
         return self.max_tokens
 
-    def text(self) -> str:
-        """All the text the caller sent (what the block list and the prompt limit look at)."""
-        raise NotImplementedError
-
 
 class CompletionRequest(_Request):
     """POST /v1/completions."""
@@ -141,6 +134,7 @@ class CompletionRequest(_Request):
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
     def text(self) -> str:
+        """All the text the caller sent (what the block list and the prompt limit look at)."""
         return "\n".join(self.prompts())
 
 
