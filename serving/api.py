@@ -194,13 +194,19 @@ def parse(raw: bytes, kind: type[_Request]) -> _Request:
     try:
         return kind.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        if first["type"] == "extra_forbidden":
-            raise ApiError(400, f"{param}: unknown field; this endpoint accepts the OpenAI fields "
-                           f"{sorted(kind.model_fields)}", param=param) from None
-        msg = first["msg"].removeprefix("Value error, ")
-        raise ApiError(400, f"{param}: {msg}" if param else msg, param=param) from None
+        raise invalid(exc, sorted(kind.model_fields)) from None
+
+
+def invalid(exc: ValidationError, accepted: list[str] | None = None) -> ApiError:
+    """The 400 for a failed validation: the first error, naming its parameter (and, for an unknown
+    field, the fields that are accepted)."""
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    if first["type"] == "extra_forbidden" and accepted is not None:
+        return ApiError(400, f"{param}: unknown field; this endpoint accepts the OpenAI fields {accepted}",
+                        param=param)
+    msg = first["msg"].removeprefix("Value error, ")
+    return ApiError(400, f"{param}: {msg}" if param else msg, param=param)
 
 
 def engine_request(req: _Request, engine_model: str, max_tokens: int) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
-from serving.api import ApiError, ChatRequest, CompletionRequest, engine_request, parse
+from serving.api import ApiError, ChatRequest, CompletionRequest, engine_request, invalid, parse
 from serving.auth import ANONYMOUS, Authenticator, Caller, env_key_hashes
 from serving.engine import Served, ServingError, check_quantization, group, llm_deployment, resolve, served_name, slug
 from serving.filter import BlockList
@@ -233,9 +233,7 @@ class Gateway:
         try:
             vreq = (VChat if chat else VCompletion).model_validate(body)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            raise ApiError(400, f"{param}: {first['msg']}", param=param) from None
+            raise invalid(exc) from None
         handle = self.engines[served.deployment]
         gen = (handle.chat if chat else handle.completions).remote(vreq, None)
         try:

@@ -47,7 +47,6 @@ class Served:
     base_label: str              # the base model version the engine loads
     base_dir: str
     adapter_dir: str | None = None
-    scheme: str = "none"
     chat_template: str | None = None  # set when the tokenizer has none of its own
 
 
