@@ -105,7 +105,7 @@ def resolve(uri: str, settings: ServeSettings) -> Served:
     if adapter_of is None and base != version:
         label = f"{name}/v{base}"
     return Served(label, f"{name}/v{base}", str(base_dir), str(adapter_dir) if adapter_dir else None,
-                  settings.quantization, chat_template(base_dir))
+                  chat_template(base_dir))
 
 
 def _resolve_dir(path: Path, quantization: str) -> Served:
