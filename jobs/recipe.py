@@ -277,6 +277,25 @@ class FinetuneConfig(Strict):
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
 
 
+class ABPolicy(Strict):
+    """When A/B feedback decides a promotion: Welch's t-test on the arms' feedback scores."""
+
+    required: bool = Field(False, description="champion only on a significant A/B win (privlm model compare)")
+    alpha: float = Field(0.05, gt=0, lt=1, description="the p-value below which a difference is significant")
+    power: float = Field(0.8, gt=0, lt=1, description="for the minimum sample size per arm")
+    min_effect: float = Field(0.3, gt=0, description="smallest effect size (Cohen's d) worth detecting")
+
+
+class DriftPolicy(Strict):
+    """When the served version's outputs have drifted: KL divergence of a recent window to its reference."""
+
+    threshold: float = Field(0.15, gt=0, description="KL divergence above which drift is alerted")
+    window: str = Field("1h", pattern=r"^[0-9]+[smhd]$", description="recent traffic compared, e.g. 30m, 1h")
+    reference_window: str = Field("1h", pattern=r"^[0-9]+[smhd]$",
+                                  description="traffic after promotion that becomes the reference")
+    min_tokens: int = Field(200, gt=0, description="fewer generated tokens in a window: no verdict")
+
+
 class PromotionPolicy(Strict):
     """When a challenger may replace the champion: a metric, its direction and a minimum margin."""
 
@@ -285,6 +304,7 @@ class PromotionPolicy(Strict):
     min_margin: float = Field(0.0, ge=0, description="absolute improvement the challenger must show")
     max_quantized_perplexity_delta: float = Field(
         0.05, ge=0, description="a quantized challenger's highest relative perplexity rise over its parent")
+    ab: ABPolicy = Field(default_factory=ABPolicy)
 
 
 class RegistryConfig(Strict):
@@ -294,6 +314,7 @@ class RegistryConfig(Strict):
     experiment: str = "privlm"
     model_name: str | None = Field(None, description="registered model name; defaults to the recipe name")
     promotion: PromotionPolicy = Field(default_factory=PromotionPolicy)
+    drift: DriftPolicy = Field(default_factory=DriftPolicy)
 
 
 class SlurmConfig(Strict):

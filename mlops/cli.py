@@ -80,7 +80,11 @@ def promote(name: str, version: str = typer.Argument(None, help="version to make
             to: str = typer.Option("challenger", help="challenger, or champion (through the evaluation gate)"),
             reason: str = typer.Option("", help="why, recorded with the promotion"),
             metric: str = typer.Option(None, help="override the recipe's policy metric"),
-            min_margin: float = typer.Option(None, help="override the recipe's minimum margin")) -> None:
+            min_margin: float = typer.Option(None, help="override the recipe's minimum margin"),
+            ab: bool = typer.Option(False, "--ab", help="decide by the A/B test on production feedback "
+                                                        "(`privlm model compare`) instead of offline metrics"),
+            feedback: str = typer.Option(None, envvar="PRIVLM_FEEDBACK_URL",
+                                         help="feedback store URL (default: the serving default)")) -> None:
     """`promote NAME VERSION` sets the challenger; `promote NAME --to champion` passes it through the gate."""
     from mlops.promote import PromotionRefused, promote_challenger, promote_champion
     from mlops.registry import RegistryError
@@ -94,7 +98,8 @@ def promote(name: str, version: str = typer.Argument(None, help="version to make
             return
         if to != "champion":
             _fail(ValueError(f"--to {to!r}: use challenger or champion"))
-        d = promote_champion(name, {"metric": metric, "min_margin": min_margin}, reason)
+        d = promote_champion(name, {"metric": metric, "min_margin": min_margin}, reason,
+                             feedback_url=(feedback or _feedback_default()) if ab or feedback else None)
     except PromotionRefused as exc:
         typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(3) from None
@@ -102,6 +107,51 @@ def promote(name: str, version: str = typer.Argument(None, help="version to make
         _fail(exc)
     typer.echo(f"{name}: champion -> v{d.version} (was {d.previous or 'none'}): {d.reason}" if d.promoted
                else f"{name}: {d.reason}")
+
+
+def _feedback_default() -> str:
+    from serving.settings import Feedback
+
+    return Feedback().url
+
+
+@model_app.command("compare")
+def compare(name: str,
+            feedback: str = typer.Option(None, envvar="PRIVLM_FEEDBACK_URL",
+                                         help="feedback store URL (default: the serving default)"),
+            since_hours: float = typer.Option(None, help="only answers from the last N hours"),
+            as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Champion against challenger on production feedback: means, Welch's t-test, effect size, sample size."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mlops.compare import compare_versions
+    from mlops.feedback import FeedbackError, FeedbackStore
+    from mlops.promote import policy_for
+    from mlops.registry import RegistryError, alias_version
+
+    try:
+        champion, challenger = alias_version(name, "champion"), alias_version(name, "challenger")
+        store = FeedbackStore(feedback or _feedback_default())
+        since = time.time() - since_hours * 3600 if since_hours else None
+        result = compare_versions(store, name, f"{name}/v{champion.version}", f"{name}/v{challenger.version}",
+                                  policy_for(challenger).ab, since)
+    except (RegistryError, FeedbackError) as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=1))
+        return
+    table = Table(title=f"{name}: A/B on production feedback (scores 0-1)")
+    for col in ("arm", "version", "rated", "mean", "sd"):
+        table.add_column(col, justify="right" if col in ("rated", "mean", "sd") else "left")
+    for arm, a in (("champion", result.champion), ("challenger", result.challenger)):
+        table.add_row(arm, a.version, str(a.n), "-" if a.mean is None else f"{a.mean:.3f}",
+                      "-" if a.sd is None else f"{a.sd:.3f}")
+    console = Console()
+    console.print(table)
+    console.print(result.verdict())
+    if result.challenger_wins:
+        console.print(f"promote with: privlm model promote {name} --to champion --ab")
 
 
 @model_app.command("rollback")

@@ -156,6 +156,21 @@ def gate(challenger: Any, champion: Any | None, policy: PromotionPolicy) -> tupl
     return False, f"{numbers}: improvement {improvement:.4f} is not above the margin"
 
 
+def _ab_gate(name: str, champion: Any, challenger: Any, policy: PromotionPolicy,
+             feedback_url: str | None) -> tuple[bool, str, Any]:
+    """The A/B verdict on production feedback: (challenger wins, explanation with the numbers, comparison)."""
+    from mlops.compare import compare_versions
+    from mlops.feedback import FeedbackStore
+    from serving.settings import Feedback
+
+    refused = _quantization_refusal(challenger, policy)
+    if refused:
+        return False, refused, None
+    store = FeedbackStore(feedback_url or Feedback().url)
+    ab = compare_versions(store, name, f"{name}/v{champion.version}", f"{name}/v{challenger.version}", policy.ab)
+    return ab.challenger_wins, f"A/B: {ab.verdict()}", ab
+
+
 def _quantization_refusal(challenger: Any, policy: PromotionPolicy) -> str | None:
     """Why a quantized challenger lost too much against its parent, or None (not quantized, or within the cap)."""
     parent = challenger.tags.get("privlm.quantized_from")
@@ -174,8 +189,12 @@ def _quantization_refusal(challenger: Any, policy: PromotionPolicy) -> str | Non
 
 
 def promote_champion(name: str, overrides: dict[str, Any] | None = None, reason: str = "",
-                     uri: str | None = None) -> Decision:
-    """Move `champion` to the challenger only if it passes the gate; raise PromotionRefused otherwise."""
+                     uri: str | None = None, feedback_url: str | None = None) -> Decision:
+    """Move `champion` to the challenger only if it passes the gate; raise PromotionRefused otherwise.
+
+    With `feedback_url` (or `registry.promotion.ab.required` in the recipe) the gate is the A/B test on
+    production feedback (mlops/compare.py): the challenger must win significantly, with enough data.
+    """
     uri = uri or tracking_uri()
     mlflow_client = client(uri)
     require_model(name, uri)
@@ -190,13 +209,22 @@ def promote_champion(name: str, overrides: dict[str, Any] | None = None, reason:
             return Decision(False, challenger_v, current, f"v{challenger_v} is already the champion")
         champion = mlflow_client.get_model_version(name, current) if current else None
         policy = policy_for(challenger).model_copy(update={k: v for k, v in (overrides or {}).items() if v is not None})
-        ok, why = gate(challenger, champion, policy)
+        ab = None
+        if champion is not None and (feedback_url or policy.ab.required):
+            ok, why, ab = _ab_gate(name, champion, challenger, policy, feedback_url)
+        else:
+            ok, why = gate(challenger, champion, policy)
         if not ok:
             raise PromotionRefused(f"refused: {why}")
         event = _event("promote", CHAMPION, challenger_v, current, f"{reason + ': ' if reason else ''}{why}")
+        if ab is not None:
+            event["ab"] = ab.as_dict()
         _record(mlflow_client, name, event)
         _converge(mlflow_client, name)
         _tag_version(mlflow_client, name, event)
+        if ab is not None:  # what the quality-drop alert compares online feedback with from now on
+            mlflow_client.set_model_version_tag(name, challenger_v, "privlm.quality_baseline",
+                                                f"{ab.challenger.mean:.6f}")
     return Decision(True, challenger_v, current, event["reason"])
 
 

@@ -180,6 +180,17 @@ def require_model(name: str, uri: str | None = None) -> Any:
         raise RegistryError(_unknown_model(mlflow_client, name, exc)) from None
 
 
+def alias_version(name: str, alias: str, uri: str | None = None) -> Any:
+    """The version an alias points at, or a RegistryError saying how to set it."""
+    from mlflow.exceptions import MlflowException
+
+    require_model(name, uri)
+    try:
+        return client(uri).get_model_version_by_alias(name, alias)
+    except MlflowException:
+        raise RegistryError(f"{name} has no alias @{alias}; set it with `privlm model promote`") from None
+
+
 def get_version(name: str, version: str | int, uri: str | None = None) -> Any:
     """A model version, or a RegistryError naming what exists."""
     from mlflow.exceptions import MlflowException

@@ -209,10 +209,34 @@ def invalid(exc: ValidationError, accepted: list[str] | None = None) -> ApiError
     return ApiError(400, f"{param}: {msg}" if param else msg, param=param)
 
 
+class FeedbackRequest(_Strict):
+    """`POST /v1/feedback`: a rating of an answer this endpoint gave, by its `id`."""
+
+    id: str = Field(min_length=1, max_length=64, description="the `id` of the completion being rated")
+    rating: int | None = Field(None, ge=1, le=5)
+    thumbs: Literal["up", "down"] | None = None
+    score: float | None = Field(None, ge=0.0, le=1.0)
+    correction: str | None = Field(None, max_length=32_000, description="what the answer should have been")
+
+    @field_validator("id", "correction")
+    @classmethod
+    def _text(cls, v: str | None, info: Any) -> str | None:
+        return None if v is None else clean_text(v, info.field_name)
+
+    @model_validator(mode="after")
+    def _one_rating(self) -> FeedbackRequest:
+        given = [f for f in ("rating", "thumbs", "score") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of rating (1-5), thumbs (up/down) or score (0-1); "
+                             f"got {given or 'none'}")
+        return self
+
+
 def engine_request(req: _Request, engine_model: str, max_tokens: int) -> dict[str, Any]:
-    """The body vLLM's OpenAI request models take, for the deployment's model name."""
+    """The body vLLM's OpenAI request models take, for the deployment's model name; the generated token
+    ids come back for the output statistics (the gateway strips them from the answer)."""
     body = req.model_dump(exclude_none=True, by_alias=True, exclude={"max_completion_tokens", "user"})
-    body.update(model=engine_model, max_tokens=max_tokens)
+    body.update(model=engine_model, max_tokens=max_tokens, return_token_ids=True)
     if isinstance(req, ChatRequest):
         body["messages"] = [{"role": m.role, "content": m.plain()} for m in req.messages]
     if req.stream:  # usage counts feed the gateway's metrics; the client sees them only if it asked

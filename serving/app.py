@@ -9,9 +9,11 @@ out by deploying it next to the old one first (`privlm serve up --watch`), then 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -24,7 +26,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
-from serving.api import ApiError, ChatRequest, CompletionRequest, engine_request, invalid, parse
+from mlops.feedback import FeedbackError, FeedbackStore, score_of
+from serving.api import ApiError, ChatRequest, CompletionRequest, FeedbackRequest, engine_request, invalid, parse
 from serving.auth import ANONYMOUS, Authenticator, Caller, env_key_hashes
 from serving.engine import Served, ServingError, check_quantization, group, llm_deployment, resolve, served_name, slug
 from serving.filter import BlockList
@@ -99,6 +102,14 @@ class Gateway:
         self.audit = Path(settings.audit_log) if settings.audit_log else None
         if self.audit:
             self.audit.parent.mkdir(parents=True, exist_ok=True)
+        self.store = FeedbackStore(settings.feedback.url) if settings.feedback.enabled else None
+        stats = settings.output_stats
+        self.refusal = re.compile("|".join(re.escape(p) for p in stats.refusal_patterns)) \
+            if stats.refusal_patterns else None
+        for served in routes.values():
+            self.metrics.refusals.labels(served.version)  # a 0 series from the start: the refusal rate exists
+            if served.quality_baseline is not None:
+                self.metrics.baseline.labels(served.version).set(served.quality_baseline)
         if settings.auth.mode == "none":
             log.warning("privlm gateway: authentication is OFF (auth.mode: none): anyone who reaches "
                         "%s:%s may use the model", settings.host, settings.port)
@@ -144,6 +155,27 @@ class Gateway:
     async def chat(self, request: Request) -> Any:
         return await self._handle(request, ChatRequest, chat=True)
 
+    @api.post("/v1/feedback", openapi_extra=_body(FeedbackRequest))
+    async def feedback(self, request: Request) -> JSONResponse:
+        """A user's rating of an answer (by its id), stored with the version and arm that gave it."""
+        try:
+            caller = self._caller(request)
+            req = parse(await request.body(), FeedbackRequest)
+            if self.store is None:
+                raise ApiError(404, "feedback is not collected here (feedback.enabled is false)", param="id")
+            score = score_of(req.rating, req.thumbs, req.score)
+            answer = await asyncio.to_thread(self.store.response, req.id)
+            if answer is None or not caller.may_use(answer["model"]):
+                raise ApiError(404, f"id={req.id!r}: no answer with this id is on record", "not_found", param="id")
+            await asyncio.to_thread(self.store.add, req.id, score, caller.id, req.correction)
+        except FeedbackError as exc:
+            return JSONResponse(ApiError(404, str(exc), "not_found", param="id").body(), 404)
+        except ApiError as err:
+            return JSONResponse(err.body(), err.status, headers=err.headers)
+        self.metrics.feedback.labels(answer["version"], answer["arm"]).observe(score)
+        return JSONResponse({"id": req.id, "object": "feedback", "score": score, "version": answer["version"],
+                             "arm": answer["arm"]})
+
     # --- the request path ---------------------------------------------------------------------
     def _caller(self, request: Request) -> Caller:
         return self.auth.check(request.headers.get("authorization"))
@@ -169,9 +201,12 @@ class Gateway:
             max_tokens = self._check_limits(req)
             body = engine_request(req, served.engine_model, max_tokens)
             if req.stream:
-                return await self._stream(served, body, req, chat, started, caller, endpoint, text)
+                return await self._stream(served, arm, body, req, chat, started, caller, endpoint, text)
             result = await self._complete(served, arm, body, chat)
             self._record(endpoint, 200, version, started, caller, result.get("usage"), text)
+            first = result["choices"][0] if result["choices"] else {}
+            await self._remember(result["id"], served, arm, endpoint, caller, text,
+                                 (first.get("message") or {}).get("content") if chat else first.get("text"))
             return JSONResponse(result, headers={"x-privlm-model-version": version})
         except ApiError as err:
             self._record(endpoint, err.status, version, started, caller, None, text)
@@ -271,16 +306,39 @@ class Gateway:
         response = None
         async for piece in stream:
             response = piece
-        result = _tidy(response.model_dump())
+        result = response.model_dump()
+        result.pop("prompt_token_ids", None)
+        result = _tidy(result)
         result["model"] = self._public_model(served)
         for choice in result["choices"]:
             self._scrub_choice(choice, chat)
+            self._observe(served.version, choice.pop("token_ids", None) or [], choice.get("finish_reason"),
+                          (choice.get("message") or {}).get("content") if chat else choice.get("text"))
+            choice.pop("prompt_token_ids", None)
         if cacheable:
             self.metrics.cache.labels("miss").inc()
             self.cache[key] = result
             if len(self.cache) > self.settings.cache_size:
                 self.cache.popitem(last=False)
         return result
+
+    def _observe(self, version: str, token_ids: list[int], finish_reason: str | None, text: str | None) -> None:
+        refused = bool(self.refusal and text and self.refusal.search(text))
+        self.metrics.observe_choice(version, token_ids, finish_reason, refused,
+                                    self.settings.output_stats.token_buckets)
+
+    async def _remember(self, id: str, served: Served, arm: str, endpoint: str, caller: Caller,
+                        prompt: str | None, completion: str | None) -> None:
+        """Keep the answer for feedback (and the data loop); a store failure never fails the request."""
+        if self.store is None:
+            return
+        keep = self.settings.feedback.keep_text
+        try:
+            await asyncio.to_thread(self.store.record, id=id, model=self.name, version=served.version, arm=arm,
+                                    endpoint=endpoint, caller=caller.id, prompt=prompt if keep else None,
+                                    completion=completion if keep else None)
+        except Exception as exc:  # the answer is already computed: log why it cannot be rated
+            log.error("privlm gateway: could not store answer %s for feedback: %s", id, exc)
 
     def _public_model(self, served: Served) -> str:
         return next((k for k, v in self.routes.items() if v == served and k not in ("champion", "challenger")),
@@ -293,7 +351,7 @@ class Gateway:
         if hit:
             choice["finish_reason"] = "content_filter"
 
-    async def _stream(self, served: Served, body: dict[str, Any], req: Any, chat: bool, started: float,
+    async def _stream(self, served: Served, arm: str, body: dict[str, Any], req: Any, chat: bool, started: float,
                       caller: Caller, endpoint: str, text: str) -> StreamingResponse:
         stream = await self._engine_stream(served, body, chat)
         want_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -301,7 +359,8 @@ class Gateway:
 
         async def events() -> AsyncIterator[str]:
             scrubbers: dict[int, Any] = {}
-            usage, last, status = None, None, 200
+            outputs: dict[int, dict[str, Any]] = {}  # per choice: token ids, text, finish reason
+            usage, last, status, answer_id = None, None, 200, None
             try:
                 async for piece in stream:
                     raw = piece if isinstance(piece, str) else f"data: {piece.model_dump_json()}\n\n"
@@ -314,6 +373,8 @@ class Gateway:
                         yield f"data: {json.dumps(chunk)}\n\n"
                         continue
                     chunk["model"] = model
+                    chunk.pop("prompt_token_ids", None)
+                    answer_id = chunk.get("id", answer_id)
                     if chunk.get("usage") and not chunk.get("choices"):
                         usage = chunk["usage"]
                         if want_usage:
@@ -328,8 +389,19 @@ class Gateway:
                     last = now
                     for choice in chunk.get("choices", []):
                         self._scrub_delta(choice, scrubbers, chat)
+                        out = outputs.setdefault(choice.get("index", 0), {"ids": [], "text": [], "finish": None})
+                        out["ids"] += choice.pop("token_ids", None) or []
+                        choice.pop("prompt_token_ids", None)
+                        out["text"].append((choice.get("delta") or {}).get("content") or "" if chat
+                                           else choice.get("text") or "")
+                        out["finish"] = choice.get("finish_reason") or out["finish"]
                     yield f"data: {json.dumps(_tidy(chunk))}\n\n"
                 yield "data: [DONE]\n\n"
+                for out in outputs.values():
+                    self._observe(version, out["ids"], out["finish"], "".join(out["text"]))
+                if answer_id and status == 200:
+                    await self._remember(answer_id, served, arm, endpoint, caller, text,
+                                         "".join(outputs[min(outputs)]["text"]) if outputs else "")
             finally:
                 self._record(endpoint, status, version, started, caller, usage, text)
 
@@ -373,13 +445,26 @@ def prepare(args: dict[str, Any] | ServeSettings) -> ServeSettings:
         raise ServingError(f"auth.mode=keys but no API key is configured: set ${auth.api_keys_env} (comma-separated "
                            "keys) or auth.api_key_hashes, use auth.mode: jwt, or set auth.mode: none to serve "
                            "without authentication")
-    settings = settings.model_copy(update={"auth": auth.model_copy(update={"api_key_hashes": hashes})})
+    settings = settings.model_copy(update={"auth": auth.model_copy(update={"api_key_hashes": hashes}),
+                                           **_absolute_paths(settings)})
     check_quantization(settings)
     if settings.tracking_uri is None:
         from mlops.tracking import tracking_uri
 
         settings = settings.model_copy(update={"tracking_uri": tracking_uri()})
     return settings
+
+
+def _absolute_paths(settings: ServeSettings) -> dict[str, Any]:
+    """Relative audit-log and SQLite paths mean the deployer's working directory, not a Ray worker's."""
+    update: dict[str, Any] = {}
+    if settings.audit_log:
+        update["audit_log"] = str(Path(settings.audit_log).absolute())
+    url = settings.feedback.url
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        path = Path(url.removeprefix("sqlite:///")).absolute()
+        update["feedback"] = settings.feedback.model_copy(update={"url": f"sqlite:///{path}"})
+    return update
 
 
 def plan(settings: ServeSettings, warm: tuple[str, ...] = ()) -> tuple[dict[str, Served], list[Served]]:

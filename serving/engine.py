@@ -48,6 +48,7 @@ class Served:
     base_dir: str
     adapter_dir: str | None = None
     chat_template: str | None = None  # set when the tokenizer has none of its own
+    quality_baseline: float | None = None  # expected feedback score (tag privlm.quality_baseline)
 
 
     @property
@@ -76,15 +77,10 @@ def pin(uri: str, tracking_uri: str | None) -> str:
     """`models:/NAME@alias` -> `models:/NAME/N` (the alias is read once); other URIs unchanged."""
     if not uri.startswith("models:/") or "@" not in uri:
         return uri
-    from mlops.registry import RegistryError, require_model
-    from mlops.tracking import client
+    from mlops.registry import alias_version
 
     name, _, alias = uri.removeprefix("models:/").partition("@")
-    require_model(name, tracking_uri)
-    try:
-        return f"models:/{name}/{client(tracking_uri).get_model_version_by_alias(name, alias).version}"
-    except Exception:
-        raise RegistryError(f"{name} has no alias @{alias}; set it with `privlm model promote`") from None
+    return f"models:/{name}/{alias_version(name, alias, tracking_uri).version}"
 
 
 def resolve(uri: str, settings: ServeSettings) -> Served:
@@ -105,7 +101,11 @@ def resolve(uri: str, settings: ServeSettings) -> Served:
     if adapter_of is None and base != version:
         label = f"{name}/v{base}"
     return Served(label, f"{name}/v{base}", str(base_dir), str(adapter_dir) if adapter_dir else None,
-                  chat_template(base_dir))
+                  chat_template(base_dir), _float(mv.tags.get("privlm.quality_baseline")))
+
+
+def _float(value: str | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def _resolve_dir(path: Path, quantization: str) -> Served:

@@ -95,6 +95,24 @@ class Tls(Strict):
     keyfile: str
 
 
+class Feedback(Strict):
+    """Answers kept for `POST /v1/feedback`, A/B statistics and the data loop (mlops/feedback.py)."""
+
+    enabled: bool = True
+    url: str = Field("sqlite:///runs/serving/feedback.db",
+                     description="SQLAlchemy URL; PostgreSQL where gateway replicas run on several nodes")
+    keep_text: bool = Field(True, description="store prompt and completion (the data loop needs them)")
+
+
+class OutputStats(Strict):
+    """Per-version output statistics exported at /metrics, what `privlm monitor drift` compares."""
+
+    token_buckets: int = Field(64, ge=2, le=1024, description="generated token ids are counted modulo this")
+    refusal_patterns: list[str] = Field(
+        default_factory=lambda: ["I can't", "I cannot", "I'm sorry", "As an AI", "抱歉", "我不能", "无法回答"],
+        description="an answer containing one counts as a refusal")
+
+
 class ServeSettings(Strict):
     """Everything `privlm serve up` and `serve deploy serving/config/privlm-serve.yaml` need."""
 
@@ -119,6 +137,8 @@ class ServeSettings(Strict):
     audit_prompts: bool = False
     cache_size: int = Field(1024, ge=0)
     ab: ABSplit = Field(default_factory=ABSplit)
+    feedback: Feedback = Field(default_factory=Feedback)
+    output_stats: OutputStats = Field(default_factory=OutputStats)
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
 
