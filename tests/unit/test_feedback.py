@@ -98,3 +98,47 @@ def test_compare_reads_the_store_and_says_when_nothing_is_rated(tmp_path: Path) 
     assert (c.champion.n, c.challenger.n) == (30, 30)
     assert c.champion.mean == pytest.approx(10 / 30) and c.challenger.mean == pytest.approx(24 / 30)
     assert c.challenger_wins
+
+
+def test_export_keeps_well_rated_answers_redacted_and_deduplicated(tmp_path: Path) -> None:
+    import json
+
+    from mlops.loop import Trigger, due, export_feedback
+
+    s = store(tmp_path)
+    rows = [("good", "write me a mail to bob@example.com", "Dear Bob, see you at 10.", 1.0, None),
+            ("fixed", "capital of France?", "Lyon", 0.0, None),
+            ("bad", "2+2?", "5", 0.0, None),
+            ("dup", "write me a mail to bob@example.com", "Dear Bob, see you at 10.", 1.0, None),
+            ("known", "print hello", "print('hello')", 1.0, None)]
+    for id, prompt, completion, score, _ in rows:
+        s.record(id=id, model="m", version="m/v1", arm="champion", endpoint="chat", caller="k", prompt=prompt,
+                 completion=completion)
+        s.add(id, score, "k")
+    s.add("fixed", 1.0, "k", correction="Paris")  # the user's correction replaces the answer
+    training = tmp_path / "train"
+    training.mkdir()
+    (training / "seen.txt").write_text("print hello print('hello')")
+    report = export_feedback(s, "m", tmp_path / "out" / "feedback.jsonl", against=[training])
+    records = [json.loads(line) for line in report.path.read_text().splitlines()]
+    assert [r["id"] for r in records] == ["good", "fixed"]
+    assert "bob@example.com" not in records[0]["text"] and report.redactions == {"email": 1}
+    assert records[1]["response"] == "Paris"
+    assert (report.considered, report.below_score, report.duplicates, report.kept) == (5, 1, 2, 2)
+    assert due(Trigger(feedback_count=5), s, "m", None) == "5 rated answers since the last retraining (trigger: 5)"
+    assert due(Trigger(feedback_count=6), s, "m", None) is None
+    assert due(Trigger(drift=True), s, "m", None, drifted=True) == "output drift above its threshold"
+
+
+def test_kl_divergence_and_histogram_bins() -> None:
+    import math
+
+    from mlops.drift import _bins, kl
+
+    same = {"a": 30.0, "b": 70.0}
+    assert kl(same, same) == 0.0
+    p, q = {"a": 50.0, "b": 50.0}, {"a": 90.0, "b": 10.0}
+    pa, pb, qa, qb = 50.5 / 101, 50.5 / 101, 90.5 / 101, 10.5 / 101
+    assert kl(p, q) == pytest.approx(pa * math.log(pa / qa) + pb * math.log(pb / qb))
+    assert kl({"new": 100.0}, {"old": 100.0}) > 3  # disjoint: large, finite
+    assert _bins({"1": 2.0, "4": 5.0, "+Inf": 9.0}) == {"1": 2.0, "4": 3.0, "+Inf": 4.0}
