@@ -246,3 +246,104 @@ def sync_cmd(run_dir: Path) -> None:
     if left:
         _fail(RuntimeError(f"{left} records still pending: the tracking server does not answer"))
     typer.echo(f"{run_dir}: every record delivered")
+
+
+# --- `privlm monitor drift|loop` (registered on the monitor app) ------------------------------------
+def drift_cmd(name: str,
+              version: str = typer.Option(None, help="version to check (default: the champion)"),
+              prometheus: str = typer.Option("http://127.0.0.1:9090", envvar="PRIVLM_PROMETHEUS_URL"),
+              alertmanager: str = typer.Option(None, envvar="PRIVLM_ALERTMANAGER_URL",
+                                               help="post a PrivlmOutputDrift alert here when drifted"),
+              window: str = typer.Option(None, help="recent window, e.g. 30m (default: the recipe's)"),
+              threshold: float = typer.Option(None, help="KL threshold (default: the recipe's, 0.15)"),
+              capture_reference: bool = typer.Option(False, "--capture-reference",
+                                                     help="make the last reference_window the reference"),
+              as_json: bool = typer.Option(False, "--json")) -> None:
+    """KL divergence of the served version's recent outputs against its reference; exit 4 when drifted."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mlops.drift import Prometheus, alert, measure
+    from mlops.promote import drift_policy_for
+    from mlops.registry import RegistryError, alias_version, get_version
+
+    try:
+        mv = get_version(name, version) if version else alias_version(name, "champion")
+        policy = drift_policy_for(mv).model_copy(update={k: v for k, v in
+                                                         {"window": window, "threshold": threshold}.items() if v})
+        report = measure(Prometheus(prometheus), mv, policy, capture_reference)
+        if report.drifted and alertmanager:
+            alert(alertmanager, report)
+    except RegistryError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=1))
+    else:
+        table = Table(title=f"{report.version}: output drift, last {report.window} vs reference")
+        table.add_column("measure")
+        table.add_column("KL", justify="right")
+        for measure_name, value in report.divergences.items():
+            table.add_row(measure_name, f"{value:.4f}")
+        console = Console()
+        console.print(table)
+        console.print(report.verdict)
+    if report.drifted:
+        raise typer.Exit(4)
+
+
+def loop_cmd(name: str,
+             recipe: Path = typer.Option(..., help="the fine-tune recipe to run, e.g. recipes/tiny-cpu-lora.yaml"),
+             feedback: str = typer.Option(None, envvar="PRIVLM_FEEDBACK_URL", help="feedback store URL"),
+             on_drift: bool = typer.Option(False, help="retrain when `monitor drift` finds drift"),
+             every_feedback: int = typer.Option(None, help="retrain after this many new rated answers"),
+             every_hours: float = typer.Option(None, help="retrain on this schedule"),
+             prometheus: str = typer.Option("http://127.0.0.1:9090", envvar="PRIVLM_PROMETHEUS_URL"),
+             min_score: float = typer.Option(0.75, help="answers rated at least this (0-1) become training data"),
+             executor: str = typer.Option(None, help="slurm or local (default: slurm where sbatch exists)"),
+             set_: list[str] = typer.Option([], "--set", "-s", help="override a recipe field")) -> None:
+    """One turn of the loop: promote an A/B winner, or retrain on feedback when a trigger fires."""
+    from rich.console import Console
+
+    from mlops.feedback import FeedbackError, FeedbackStore
+    from mlops.loop import Trigger, due, export_feedback, last_retrain, retrain
+    from mlops.promote import PromotionRefused, promote_champion
+    from mlops.registry import RegistryError, alias_version
+    from mlops.tracking import client
+
+    console = Console()
+    url = feedback or _feedback_default()
+    if not (on_drift or every_feedback or every_hours):
+        _fail(ValueError("give a trigger: --on-drift, --every-feedback N or --every-hours H"))
+    try:
+        store = FeedbackStore(url)
+        try:
+            alias_version(name, "challenger")
+            d = promote_champion(name, reason="A/B winner (privlm monitor loop)", feedback_url=url)
+            console.print(f"{name}: champion -> v{d.version}: {d.reason}")
+            return
+        except PromotionRefused as exc:
+            console.print(f"{name}: challenger stays: {exc}")
+        drifted = False
+        if on_drift:
+            from mlops.drift import Prometheus, measure
+            from mlops.promote import drift_policy_for
+
+            champion = alias_version(name, "champion")
+            drifted = measure(Prometheus(prometheus), champion, drift_policy_for(champion)).drifted
+        why = due(Trigger(on_drift, every_feedback, every_hours * 3600 if every_hours else None), store, name,
+                  last_retrain(client(), name), drifted)
+        if why is None:
+            console.print(f"{name}: no retraining due")
+            return
+        since = last_retrain(client(), name)
+        out = Path("runs") / "feedback" / f"{name}-{int(time.time())}.jsonl"
+        exported = export_feedback(store, name, out, min_score, since)
+        console.print(f"{name}: retraining ({why}); {exported.kept} of {exported.considered} rated answers "
+                      f"exported to {out} ({exported.duplicates} duplicates, redactions {exported.redactions})")
+        if exported.kept == 0:
+            _fail(RegistryError(f"no answer rated >= {min_score} to train on"))
+        result = retrain(name, recipe, out, set_, executor, console)
+    except (RegistryError, FeedbackError) as exc:
+        _fail(exc)
+    console.print(f"{name}: v{result['version']} {'is the challenger' if result['challenger'] else 'failed the gate'}"
+                  f": {result['gate']}")

@@ -57,11 +57,11 @@ def export_feedback(store: FeedbackStore, model: str, out: Path, min_score: floa
         prompt, c1 = redact(r.prompt or "", pii)
         response, c2 = redact(r.correction or r.completion or "", pii)
         text = f"{prompt}\n{response}"
-        keys = {exact_key(_norm(text)), exact_key(_norm(response))}
-        if keys & seen:
+        key = exact_key(_norm(text))
+        if key in seen:
             report.duplicates += 1
             continue
-        seen |= keys
+        seen.add(key)
         counts.update(c1 + c2)
         lines.append(json.dumps({"text": text, "prompt": prompt, "response": response, "id": r.id,
                                  "version": r.version, "score": r.score}, ensure_ascii=False))

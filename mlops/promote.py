@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from jobs.recipe import PromotionPolicy
+from jobs.recipe import DriftPolicy, PromotionPolicy
 from mlops.registry import RegistryError, get_version, require_model
 from mlops.tracking import client, tracking_uri
 
@@ -114,10 +114,19 @@ def promote_challenger(name: str, version: str, reason: str = "", uri: str | Non
     return Decision(True, str(mv.version), previous, event["reason"])
 
 
+def _registry_section(mv: Any, key: str) -> dict[str, Any]:
+    recipe = yaml.safe_load(mv.tags.get("privlm.recipe_yaml", "") or "{}") or {}
+    return (recipe.get("registry") or {}).get(key) or {}
+
+
 def policy_for(mv: Any) -> PromotionPolicy:
     """The promotion policy of the recipe the version was trained with."""
-    recipe = yaml.safe_load(mv.tags.get("privlm.recipe_yaml", "") or "{}") or {}
-    return PromotionPolicy.model_validate((recipe.get("registry") or {}).get("promotion") or {})
+    return PromotionPolicy.model_validate(_registry_section(mv, "promotion"))
+
+
+def drift_policy_for(mv: Any) -> DriftPolicy:
+    """The drift policy of the recipe the version was trained with (threshold, windows)."""
+    return DriftPolicy.model_validate(_registry_section(mv, "drift"))
 
 
 def _metric(mv: Any, policy: PromotionPolicy) -> float:
@@ -204,7 +213,7 @@ def promote_champion(name: str, overrides: dict[str, Any] | None = None, reason:
             raise RegistryError(f"{name} has no challenger; run `privlm model promote {name} VERSION` first")
         challenger = mlflow_client.get_model_version(name, challenger_v)
         stack = champion_stack(events(mlflow_client, name))
-        current = stack[-1] if stack else None
+        current = stack[-1] if stack else _alias(mlflow_client, name, CHAMPION)  # or one set outside privlm
         if current == challenger_v:
             return Decision(False, challenger_v, current, f"v{challenger_v} is already the champion")
         champion = mlflow_client.get_model_version(name, current) if current else None

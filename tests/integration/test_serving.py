@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import threading
 import time
@@ -105,7 +106,8 @@ def settings(registered: dict, tls: dict, **overrides: Any) -> Any:
             "engine": {"max_model_len": 128}, "max_ongoing_requests": 4,
             "max_queued_requests": 8, "block_list": ["forbiddenword"], "limits": {"max_tokens": 64},
             "auth": {"api_key_hashes": [hashlib.sha256(KEY.encode()).hexdigest()]},
-            "tls": {"certfile": tls["cert"], "keyfile": tls["key"]}, "audit_log": STATE["audit"]}
+            "tls": {"certfile": tls["cert"], "keyfile": tls["key"]}, "audit_log": STATE["audit"],
+            "feedback": {"url": STATE["feedback"]}}
     return ServeSettings.model_validate({**base, **overrides})
 
 
@@ -118,6 +120,7 @@ def endpoint(registered: dict, tls: dict, tmp_path_factory: pytest.TempPathFacto
     from serving.deploy import deploy, serve_start
 
     STATE["audit"] = str(tmp_path_factory.mktemp("audit") / "audit.jsonl")
+    STATE["feedback"] = f"sqlite:///{tmp_path_factory.mktemp('feedback') / 'feedback.db'}"
     ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     serve_start(settings(registered, tls))
     deploy(settings(registered, tls))
@@ -377,6 +380,62 @@ def test_ab_split_is_sticky_per_user(endpoint) -> None:
         assert len(got) == 1  # a user stays on one version
         versions[user] = got.pop()
     assert set(versions.values()) == {"served/v1", "served/v2"}  # both arms get users
+
+
+def test_feedback_decides_the_ab_test_and_the_promotion(endpoint) -> None:
+    """Users rate answers through POST /v1/feedback; the challenger's are rated higher; the A/B test
+    says so with enough data, the promotion records the numbers, the store feeds the data loop."""
+    from jobs.recipe import ABPolicy
+    from mlops.compare import compare_versions
+    from mlops.feedback import FeedbackStore
+    from mlops.loop import export_feedback
+    from mlops.promote import PromotionRefused, events, promote_champion
+
+    ep, rng = endpoint, random.Random(7)
+    bad = post(ep, "/v1/feedback", {"id": "cmpl-nothing", "thumbs": "up"})
+    assert bad.status_code == 404 and bad.json()["error"]["param"] == "id"
+    assert post(ep, "/v1/feedback", {"id": "x", "rating": 9}).json()["error"]["param"] == "rating"
+
+    def ask_and_rate(user: str, stream: bool) -> str:
+        body = {"model": "served", "prompt": f"mail me at {user}@example.com", "max_tokens": 4, "stream": stream}
+        r = post(ep, "/v1/completions", body, headers={"x-user-id": user})
+        rid = json.loads(r.text.split("data: ")[1])["id"] if stream else r.json()["id"]
+        version = r.headers["x-privlm-model-version"]
+        rating = min(5, max(1, round(rng.gauss(4.2 if version == "served/v2" else 2.8, 0.8))))
+        fb = post(ep, "/v1/feedback", {"id": rid, "rating": rating})
+        assert fb.status_code == 200 and fb.json()["version"] == version, fb.text
+        return version
+
+    with ThreadPoolExecutor(4) as pool:
+        seen = list(pool.map(lambda i: ask_and_rate(f"u{i}", stream=i % 4 == 0), range(80)))
+    assert {"served/v1", "served/v2"} == set(seen)
+    assert metric(ep, 'privlm_feedback_score_count{version="served/v2",arm="challenger"}') == seen.count("served/v2")
+    assert metric(ep, 'privlm_finish_reasons_total{version="served/v1",reason="length"}') > 0
+    assert sum(metric(ep, f'privlm_output_tokens_total{{version="served/v2",bucket="{b}"}}') or 0
+               for b in range(64)) > 0
+
+    store = FeedbackStore(STATE["feedback"])
+    result = compare_versions(store, "served", "served/v1", "served/v2", ABPolicy(min_effect=1.0))
+    assert result.challenger_wins and result.p_value < 0.05, result.verdict()
+    uri = ep["registered"]["uri"]
+    with pytest.raises(PromotionRefused, match="not enough data"):  # the recipe's default effect size needs more
+        promote_champion("served", feedback_url=STATE["feedback"], uri=uri)
+    client_ = ep["registered"]["client"]
+    client_.set_model_version_tag("served", "2", "privlm.recipe_yaml",
+                                  "registry: {promotion: {ab: {required: true, min_effect: 1.0}}}")
+    try:
+        decision = promote_champion("served", uri=uri)  # the recipe requires the A/B test
+        assert decision.promoted and decision.version == "2" and "A/B" in decision.reason
+        assert events(client_, "served")[-1]["ab"]["challenger"]["n"] == seen.count("served/v2")
+        baseline = float(client_.get_model_version("served", "2").tags["privlm.quality_baseline"])
+        assert baseline == pytest.approx(result.challenger.mean)
+    finally:  # the module's aliases again
+        client_.set_registered_model_alias("served", "champion", "1")
+        client_.set_registered_model_alias("served", "challenger", "2")
+        client_.delete_model_version_tag("served", "2", "privlm.recipe_yaml")
+    exported = export_feedback(store, "served", Path(STATE["audit"]).parent / "feedback.jsonl", min_score=0.75)
+    text = exported.path.read_text()
+    assert exported.kept > 0 and "@example.com" not in text and exported.redactions["email"] == exported.kept
 
 
 def test_rollout_to_a_new_champion_fails_no_request(gateway_default) -> None:
