@@ -82,6 +82,32 @@ def submit(recipe: Path = RecipeArg, overrides: list[str] = OverrideOpt, executo
         typer.echo(json.dumps(follow(job, _load(recipe, overrides))[0], indent=1))
 
 
+@data_app.command("feedback")
+def data_feedback(model: str = typer.Argument(..., help="registered model name whose answers to export"),
+                  out: Path = typer.Option(..., help="JSONL file to write, a fine-tuning source"),
+                  feedback: str = typer.Option(None, envvar="PRIVLM_FEEDBACK_URL", help="feedback store URL"),
+                  min_score: float = typer.Option(0.75, help="lowest rating kept, 0-1 (thumbs up = 1, 4/5 = 0.75)"),
+                  since_hours: float = typer.Option(None, help="only answers from the last N hours"),
+                  against: list[Path] = typer.Option([], help="training data to deduplicate against (files or "
+                                                              "folders); repeatable")) -> None:
+    """Export well-rated production answers (PII-redacted, deduplicated) as a fine-tuning source."""
+    import time
+
+    from mlops.feedback import FeedbackError, FeedbackStore
+    from mlops.loop import export_feedback
+    from serving.settings import Feedback
+
+    try:
+        store = FeedbackStore(feedback or Feedback().url)
+        since = time.time() - since_hours * 3600 if since_hours else None
+        r = export_feedback(store, model, out, min_score, since, list(against))
+    except FeedbackError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{out}: {r.kept} of {r.considered} rated answers ({r.below_score} rated below {min_score}, "
+               f"{r.duplicates} duplicates; redacted {r.redactions or 'nothing'})")
+
+
 @data_app.command("submit")
 def data_submit(recipe: Path = RecipeArg, overrides: list[str] = OverrideOpt,
                 executor: str | None = ExecutorOpt) -> None:
