@@ -137,14 +137,15 @@ def promoted_at(mlflow_client: Any, name: str, version: str) -> float | None:
     return when
 
 
-def reference(prom: Prometheus, mv: Any, policy: DriftPolicy, capture_now: bool = False) -> dict[str, Any]:
+def reference(prom: Prometheus, mv: Any, policy: DriftPolicy, capture_now: bool = False,
+              uri: str | None = None) -> dict[str, Any]:
     """The version's stored reference; captured from Prometheus (and stored) on first use."""
     from mlops.tracking import client
 
     if REFERENCE_TAG in mv.tags and not capture_now:
         return json.loads(mv.tags[REFERENCE_TAG])
     label = f"{mv.name}/v{mv.version}"
-    mlflow_client = client()
+    mlflow_client = client(uri)
     if capture_now:
         end = time.time()
     else:
@@ -168,10 +169,11 @@ def reference(prom: Prometheus, mv: Any, policy: DriftPolicy, capture_now: bool 
     return ref
 
 
-def measure(prom: Prometheus, mv: Any, policy: DriftPolicy, capture_reference: bool = False) -> DriftReport:
+def measure(prom: Prometheus, mv: Any, policy: DriftPolicy, capture_reference: bool = False,
+            uri: str | None = None) -> DriftReport:
     """Drift of version `mv` now, against its reference."""
     label = f"{mv.name}/v{mv.version}"
-    ref = reference(prom, mv, policy, capture_reference)
+    ref = reference(prom, mv, policy, capture_reference, uri)
     recent = distributions(prom, label, policy.window)
     report = DriftReport(mv.name, label, policy.threshold, policy.window,
                          recent_tokens=sum(recent["tokens"].values()),
