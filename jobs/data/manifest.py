@@ -16,9 +16,10 @@ from jobs.data.sources import InputFile
 from jobs.recipe import Recipe
 
 # Bump when the pipeline's output for the same inputs and settings changes (cleaning rules, packing order...).
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 MANIFEST = "manifest.json"
 REPORT = "report.json"
+QUARANTINE = "quarantine.jsonl"
 
 
 def settings(recipe: Recipe) -> dict[str, Any]:

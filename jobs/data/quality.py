@@ -1,7 +1,10 @@
 """Gopher-style quality heuristics (Rae et al. 2021, appendix A), each returning a drop reason or None.
 
-Words are whitespace-separated tokens, as in Gopher; for code they include operators and punctuation,
-which is why the code recipes loosen the symbol and alphabetic-word thresholds.
+Words are whitespace-separated tokens, as in Gopher, except in Chinese and Japanese, where each Han or kana
+character counts as one word (`jobs.data.language.units`): counts, repetition and symbol ratios are then in
+characters. The mean word length is measured over the space-separated words only, and not at all for a
+document that is mostly unspaced script. For code, words include operators and punctuation, which is why
+the code recipes loosen the symbol and alphabetic-word thresholds.
 """
 
 from __future__ import annotations
@@ -10,19 +13,29 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from jobs.data.language import UNSPACED, is_unspaced, units
 from jobs.recipe import FilterConfig
 
 
 @dataclass(frozen=True)
 class Doc:
-    """A text split once into what the heuristics look at."""
+    """A text split once into what the heuristics look at: its word units, and its space-separated words."""
 
     text: str
     words: list[str]
+    spaced_words: list[str]
 
     @classmethod
     def of(cls, text: str) -> Doc:
-        return cls(text, text.split())
+        words = units(text)
+        if UNSPACED.search(text) is None:
+            return cls(text, words, words)
+        return cls(text, words, [w for w in words if not is_unspaced(w)])
+
+    @property
+    def unspaced(self) -> bool:
+        """Mostly Chinese or Japanese: the measures are in characters."""
+        return len(self.spaced_words) * 2 < len(self.words)
 
 
 def mean_word_length(words: list[str]) -> float:
@@ -56,7 +69,9 @@ def alpha_word_fraction(words: list[str]) -> float:
 
 
 def check_mean_word_length(doc: Doc, cfg: FilterConfig) -> str | None:
-    mwl = mean_word_length(doc.words)
+    if doc.unspaced:
+        return None
+    mwl = mean_word_length(doc.spaced_words)
     if mwl < cfg.min_mean_word_length:
         return "mean_word_length_low"
     return "mean_word_length_high" if mwl > cfg.max_mean_word_length else None
