@@ -93,13 +93,17 @@ class ShardStats:
         return self.languages.setdefault(lang, {"read": [0, 0], "kept": [0, 0], "dropped": {}})
 
     def keep(self, stage: str, text: str, lang: str | None = None) -> None:
+        """Count a document past `stage`; past the last stage, also as kept for its language."""
         n = len(text.encode("utf-8"))
         self.kept[stage][0] += 1
         self.kept[stage][1] += n
         if lang is not None:
-            row = self._lang(lang)["read" if stage == "language" else "kept"]
-            row[0] += 1
-            row[1] += n
+            self.count_language("kept", lang, text)
+
+    def count_language(self, key: str, lang: str, text: str) -> None:
+        row = self._lang(lang)[key]
+        row[0] += 1
+        row[1] += len(text.encode("utf-8"))
 
     def drop(self, reason: str, text: str, lang: str = "und") -> None:
         n = len(text.encode("utf-8"))
@@ -149,11 +153,13 @@ class Cleaner:
 
         stats.keep("read", text)
         if looks_binary(text):
+            stats.count_language("read", "und", text)
             stats.drop("binary", text)
             return None
         text = normalize(text)
         stats.keep("normalise", text)
         lang = self.language_of(text)
+        stats.count_language("read", lang, text)
         if self.keep_languages is not None and lang not in self.keep_languages:
             stats.drop("language_not_kept", text, lang)
             return None
@@ -163,7 +169,7 @@ class Cleaner:
             converted = to_simplified(text)
             stats.t2s_docs += converted != text
             text = converted
-        stats.keep("language", text, lang)
+        stats.keep("language", text)
         filters = self.filters(lang)
         doc = Doc.of(text)
         for stage, check in (("length filter", lambda: length_reason(text, filters, len(doc.words))),
