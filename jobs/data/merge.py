@@ -313,12 +313,15 @@ def pack(recipe: Recipe, work_dir: Path, out_dir: Path, tokenizer: dict[str, Any
                         "tokens_in_blocks": writer.tokens_written, "tokens_dropped": writer.tokens_dropped,
                         "files": len(index_entries[name]), "tokens_per_source": dict(sorted(per_source.items())),
                         "tokens_per_language": dict(sorted(per_lang.items())),
-                        "bytes_per_language": _bytes_per_language(table, chosen, languages),
-                        "natural_tokens": int(table["length"][chosen].sum())}
+                        "bytes_per_language": _per_language(table, "bytes", chosen, languages),
+                        "natural_tokens": int(table["length"][chosen].sum()),
+                        "natural_tokens_per_language": _per_language(table, "length", chosen, languages)}
     return {"splits": splits, "index": index_entries, "eval_topped_up_docs": moved["eval"],
             "test_topped_up_docs": moved["test"], "dtype": dtype}
 
 
-def _bytes_per_language(table: dict[str, np.ndarray], chosen: np.ndarray, languages: list[str]) -> dict[str, int]:
-    return {lang: int(table["bytes"][chosen][table["lang"][chosen] == k].sum())
+def _per_language(table: dict[str, np.ndarray], column: str, chosen: np.ndarray,
+                  languages: list[str]) -> dict[str, int]:
+    """The sum of a column over the chosen documents, per language (before any weighting)."""
+    return {lang: int(table[column][chosen][table["lang"][chosen] == k].sum())
             for k, lang in enumerate(languages) if (table["lang"][chosen] == k).any()}

@@ -10,7 +10,8 @@ code and prose keep their version numbers (3.11.7), dates, times, hex constants,
   groups; loopback, unspecified, multicast, network (x.x.x.0) addresses and netmasks identify nobody and stay;
 - ID: US SSN (not 000/666/9xx area, 00 group, 0000 serial), payment cards (issuer prefix and length, Luhn
   checksum, one kind of separator; UnionPay's 62 covers mainland bank cards) and IBANs (ISO 13616 mod-97);
-- mainland China: mobile numbers (1[3-9]x, 11 digits, optionally +86/86 and 3-4-4 groups), landlines with
+- mainland China: mobile numbers (1[3-9]x, 11 digits, optionally +86/86 and 3-4-4 groups; a bare 11-digit
+  run only after Chinese text or a word like "mobile"), landlines with
   their area code ((010) 12345678, 0755-12345678), the 18-digit resident ID (GB 11643: a valid birth date
   and the ISO 7064 MOD 11-2 check digit; a wrong check digit is not an ID) and passports (E/G + 8 digits or
   E + letter + 7 digits, only after a word like 护照 or passport: the bare shape is too common in code).
@@ -39,7 +40,7 @@ GENERIC_TLDS = frozenset({
     "tel", "cat", "post", "global", "solutions", "company", "agency", "digital", "network", "systems"
 })
 _VERSION_BEFORE = re.compile(r"(?i)(?:\bversion|\bver\.?|\brelease|\bpython|\bv)\s*$")
-_PHONE_BEFORE = re.compile(r"(?i)(?:tel|phone|call|mobile|cell|fax|whatsapp|sms)\W{0,3}$")
+_PHONE_BEFORE = re.compile(r"(?i)(?:tel|phone|call|mobile|cell|fax|whatsapp|sms|手机|电话|電話|手機)\W{0,3}$")
 _NETMASK_OCTETS = {"0", "128", "192", "224", "240", "248", "252", "254", "255"}
 _PASSPORT_BEFORE = re.compile(r"(?i)(?:passport|护照|護照)\s*(?:no\.?|number|号码?|號碼?)?\s*[:：#]?\s*$")
 _RESIDENT_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
@@ -157,10 +158,18 @@ def is_resident_id(candidate: str, before: str) -> bool:
 
 
 def is_cn_mobile(candidate: str, before: str) -> bool:
-    """11 digits 1[3-9]xxxxxxxxx after an optional 86 country code, in one block or 3-4-4 groups."""
+    """11 digits 1[3-9]xxxxxxxxx after an optional 86 country code, in one block or 3-4-4 groups.
+
+    A bare 11-digit run counts only after Chinese text or a word like "mobile": in code it is a number.
+    """
+    from jobs.data.language import UNSPACED
+
     digits = re.sub(r"\D", "", candidate)
     if digits.startswith("86") and len(digits) == 13:
         digits = digits[2:]
+    bare = candidate.isdigit() and len(candidate) == 11
+    if bare and not (UNSPACED.search(before) or _PHONE_BEFORE.search(before)):
+        return False
     return len(digits) == 11 and digits[0] == "1" and digits[1] in "3456789"
 
 

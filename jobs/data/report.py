@@ -70,12 +70,12 @@ def _language_rows(total: dict[str, Any], packed: dict[str, Any]) -> dict[str, A
     train = packed["splits"]["train"]
     out = {}
     for lang, row in sorted(total["languages"].items()):
-        tokens = sum(split["tokens_per_language"].get(lang, 0) for split in packed["splits"].values())
+        tokens = sum(split["natural_tokens_per_language"].get(lang, 0) for split in packed["splits"].values())
         nbytes = sum(split["bytes_per_language"].get(lang, 0) for split in packed["splits"].values())
         out[lang] = {"read_docs": row["read"][0], "read_bytes": row["read"][1], "kept_docs": row["kept"][0],
                      "kept_bytes": row["kept"][1],
                      "dropped": {r: {"docs": d, "bytes": b} for r, (d, b) in sorted(row["dropped"].items())},
-                     "train_tokens": train["tokens_per_language"].get(lang, 0), "tokens": tokens,
+                     "train_tokens": train["tokens_per_language"].get(lang, 0), "natural_tokens": tokens,
                      "bytes_per_token": nbytes / tokens if tokens else None}
     return out
 

@@ -131,7 +131,8 @@ def test_a_wrong_check_digit_is_not_a_resident_id(rid: str, shift: int) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.sampled_from("3456789"), st.text("0123456789", min_size=9, max_size=9),
-       st.sampled_from(["", "+86 ", "86-", "+86"]), st.booleans(), CJK_CONTEXT)
+       st.sampled_from(["", "+86 ", "86-", "+86"]), st.booleans(),
+       st.sampled_from(["手机", "电话：", "联系方式 ", "mobile: ", "请拨打", "张三（"]))
 def test_mainland_mobiles_are_redacted(second: str, rest: str, prefix: str, grouped: bool, before: str) -> None:
     number = f"1{second}{rest}"
     shown = f"{number[:3]}-{number[3:7]}-{number[7:]}" if grouped else number
@@ -158,6 +159,11 @@ def test_unionpay_cards_with_a_valid_luhn_digit_are_redacted(body: int, bin_: st
     assert out == "卡号<ID_NUMBER>，" and counts == {"id_number": 1}
     wrong = next(d for d in "0123456789" if not luhn_valid(first + d))
     assert redact(f"卡号{first}{wrong}，", ALL)[1].get("id_number", 0) == 0
+
+
+def test_a_bare_eleven_digit_number_in_code_is_not_a_mobile() -> None:
+    code = "self.assertEqual(13577625587, f(x))\nlimit = 15000000000\n"
+    assert redact(code, ALL) == (code, {})
 
 
 @pytest.mark.parametrize(("text", "expected"), [
