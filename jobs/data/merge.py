@@ -146,22 +146,52 @@ def _dedup_summary(metas: list[dict[str, Any]], decisions: list[np.ndarray], exa
     return out
 
 
+MAX_TOKENIZER_REPEATS = 16
+
+
+def tokenizer_repeats(recipe: Recipe, work_dir: Path) -> dict[int, int]:
+    """How many times the tokenizer sees each source's train texts: once without weights; with weights, the
+    whole number of passes closest to the source's weighted share of the train bytes (1 to 16: more
+    makes BPE memorise a small source's phrases).
+
+    BPE merges follow frequency, so a small Chinese source weighted at 70% must count as 70% of the text, or
+    its characters stay split into bytes (see the README's tokenizer figures).
+    """
+    weights = [src.weight for src in recipe.data.sources]
+    if weights[0] is None:
+        return dict.fromkeys(range(len(weights)), 1)
+    natural = [0] * len(weights)
+    for s, meta in enumerate(_load_meta(work_dir, recipe.data.num_shards)):
+        decision = np.load(shard_dir(work_dir, s) / "decision.npy")
+        for row, order in enumerate(meta["orders"]):
+            if decision[row] == TRAIN:
+                natural[order[0]] += meta["bytes"][row]
+    total = sum(natural)
+    return {i: min(MAX_TOKENIZER_REPEATS, max(1, round(w / sum(weights) * total / natural[i]))) if natural[i] else 1
+            for i, w in enumerate(weights)}
+
+
 def _train_texts(recipe: Recipe, work_dir: Path, progress: Bar | None) -> Any:
-    """The train split's kept texts, shard by shard; with tokenizer.max_train_bytes, an even share per shard."""
+    """The train split's kept texts, shard by shard, each as often as `tokenizer_repeats` says; with
+    tokenizer.max_train_bytes, an even share per shard."""
     from jobs.data.shard import kept_documents
 
     cfg = recipe.data
     budget = recipe.tokenizer.max_train_bytes
     per_shard = None if budget is None else budget // cfg.num_shards + 1
+    repeats = tokenizer_repeats(recipe, work_dir)
+    metas = _load_meta(work_dir, cfg.num_shards)
     for s in range(cfg.num_shards):
+        sources = [order[0] for order in metas[s]["orders"]]
         used = 0
-        for _, text in kept_documents(recipe, work_dir, s, codes=(TRAIN,)):
+        for row, text in kept_documents(recipe, work_dir, s, codes=(TRAIN,)):
             if per_shard is not None and used >= per_shard:
                 break
-            used += len(text.encode("utf-8"))
+            times = repeats[sources[row]]
+            used += len(text.encode("utf-8")) * times
             if progress:
                 progress(1)
-            yield text
+            yield from [text] * times
 
 
 def build_tokenizer(recipe: Recipe, work_dir: Path, progress: Bar | None = None) -> dict[str, Any]:

@@ -66,17 +66,22 @@ def _stage_rows(total: dict[str, Any], dedup: dict[str, Any]) -> list[dict[str, 
 
 
 def _language_rows(total: dict[str, Any], packed: dict[str, Any]) -> dict[str, Any]:
-    """Per language: documents read, kept after the filters, dropped per reason; train tokens, bytes per token."""
+    """Per language: documents read, kept after the filters, dropped per reason; train tokens, and bytes per
+    token of the held-out splits (all splits when the language has none held out)."""
     train = packed["splits"]["train"]
     out = {}
     for lang, row in sorted(total["languages"].items()):
-        tokens = sum(split["natural_tokens_per_language"].get(lang, 0) for split in packed["splits"].values())
-        nbytes = sum(split["bytes_per_language"].get(lang, 0) for split in packed["splits"].values())
+        held_out = [split for name, split in packed["splits"].items()
+                    if name != "train" and split["natural_tokens_per_language"].get(lang)]
+        measured = held_out or list(packed["splits"].values())  # held out: the tokenizer never saw them
+        tokens = sum(split["natural_tokens_per_language"].get(lang, 0) for split in measured)
+        nbytes = sum(split["bytes_per_language"].get(lang, 0) for split in measured)
         out[lang] = {"read_docs": row["read"][0], "read_bytes": row["read"][1], "kept_docs": row["kept"][0],
                      "kept_bytes": row["kept"][1],
                      "dropped": {r: {"docs": d, "bytes": b} for r, (d, b) in sorted(row["dropped"].items())},
                      "train_tokens": train["tokens_per_language"].get(lang, 0), "natural_tokens": tokens,
-                     "bytes_per_token": nbytes / tokens if tokens else None}
+                     "bytes_per_token": nbytes / tokens if tokens else None,
+                     "bytes_per_token_on": "validation and test" if held_out else "all splits"}
     return out
 
 
