@@ -93,6 +93,12 @@ class DataSource(Strict):
     def resolved_path(self) -> Path:
         return _expand(self.path)
 
+    @field_validator("path")
+    @classmethod
+    def _placeholders_known(cls, v: str) -> str:
+        _expand(v)
+        return v
+
     @field_validator("record_schema")
     @classmethod
     def _schema_is_valid(cls, v: str | None) -> str | None:
@@ -113,7 +119,12 @@ class DataSource(Strict):
 def _expand(path: str) -> Path:
     """`{stdlib}`, `{purelib}` and `{prefix}` expanded to this Python's folders, and `~` to the home folder."""
     paths = sysconfig.get_paths()
-    return Path(path.format(stdlib=paths["stdlib"], purelib=paths["purelib"], prefix=sys.prefix)).expanduser()
+    try:
+        expanded = path.format(stdlib=paths["stdlib"], purelib=paths["purelib"], prefix=sys.prefix)
+    except (KeyError, IndexError, ValueError):
+        raise ValueError(f"{path!r} has a placeholder other than {{stdlib}}, {{purelib}} and {{prefix}}; "
+                         "write a literal brace as {{ or }}") from None
+    return Path(expanded).expanduser()
 
 
 class FilterConfig(Strict):

@@ -345,7 +345,9 @@ def pack(recipe: Recipe, work_dir: Path, out_dir: Path, tokenizer: dict[str, Any
                         "tokens_per_language": dict(sorted(per_lang.items())),
                         "bytes_per_language": _per_language(table, "bytes", chosen, languages),
                         "natural_tokens": int(table["length"][chosen].sum()),
-                        "natural_tokens_per_language": _per_language(table, "length", chosen, languages)}
+                        "natural_tokens_per_language": _per_language(table, "length", chosen, languages),
+                        "docs_per_source": {str(k): int(v) for k, v in
+                                            zip(*np.unique(table["source"][chosen], return_counts=True), strict=True)}}
     return {"splits": splits, "index": index_entries, "eval_topped_up_docs": moved["eval"],
             "test_topped_up_docs": moved["test"], "dtype": dtype}
 
