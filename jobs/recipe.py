@@ -75,7 +75,8 @@ class TokenizerConfig(Strict):
 
 
 class DataSource(Strict):
-    """One input: a directory or file. `{stdlib}` and `{purelib}` expand to this Python's folders."""
+    """One input: a directory or file. `{stdlib}` and `{purelib}` expand to this Python's folders, `{privlm}` to
+    the checkout (for the data shipped with the recipes)."""
 
     path: str
     format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
@@ -92,6 +93,9 @@ class DataSource(Strict):
 
     def resolved_path(self) -> Path:
         return _expand(self.path)
+
+    def resolved_schema(self) -> Path | None:
+        return _expand(self.record_schema).resolve() if self.record_schema else None
 
     @field_validator("path")
     @classmethod
@@ -117,13 +121,15 @@ class DataSource(Strict):
 
 
 def _expand(path: str) -> Path:
-    """`{stdlib}`, `{purelib}` and `{prefix}` expanded to this Python's folders, and `~` to the home folder."""
+    """`{stdlib}`, `{purelib}` and `{prefix}` expanded to this Python's folders, `{privlm}` to the folder that
+    holds privlm's code and recipes (the checkout), and `~` to the home folder."""
     paths = sysconfig.get_paths()
     try:
-        expanded = path.format(stdlib=paths["stdlib"], purelib=paths["purelib"], prefix=sys.prefix)
+        expanded = path.format(stdlib=paths["stdlib"], purelib=paths["purelib"], prefix=sys.prefix,
+                               privlm=Path(__file__).resolve().parents[1])
     except (KeyError, IndexError, ValueError):
-        raise ValueError(f"{path!r} has a placeholder other than {{stdlib}}, {{purelib}} and {{prefix}}; "
-                         "write a literal brace as {{ or }}") from None
+        raise ValueError(f"{path!r} has a placeholder other than {{stdlib}}, {{purelib}}, {{prefix}} and "
+                         "{privlm}; write a literal brace as {{ or }}") from None
     return Path(expanded).expanduser()
 
 

@@ -126,7 +126,7 @@ def discover_source(index: int, src: DataSource) -> list[InputFile]:
     out = []
     for rel, p in candidates:
         st = p.stat()
-        schema = str(Path(src.record_schema).resolve()) if src.record_schema else None
+        schema = str(src.resolved_schema()) if src.record_schema else None
         out.append(InputFile(str(p.resolve()), rel, index, format_of(p, src.format), src.text_field,
                              st.st_size, st.st_mtime_ns, schema))
     return out
