@@ -145,7 +145,7 @@ def measure_end_to_end(corpus: str, zh_file: Path, work: Path) -> dict[str, Any]
 def _quiet_console() -> Any:
     from rich.console import Console
 
-    return Console(file=open(os.devnull, "w"))  # noqa: SIM115 - open while the measuring process lives
+    return Console(file=open(os.devnull, "w"))
 
 
 def held_out_chinese(work: Path) -> tuple[str, dict[str, Any]]:
