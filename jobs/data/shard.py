@@ -186,12 +186,6 @@ class Cleaner:
         return text, lang
 
 
-def clean_document(text: str, recipe: Recipe, stats: ShardStats) -> str | None:
-    """Normalise, filter and redact one document; None when it is dropped (the reason goes to stats)."""
-    result = Cleaner(recipe)(text, stats)
-    return None if result is None else result[0]
-
-
 def process_shard(recipe: Recipe | str | Path, shard_index: int, work_dir: str | Path,
                   progress: Progress = None) -> dict[str, Any]:
     """Clean, filter and redact one shard's documents; hash, MinHash and band them for the global dedup.

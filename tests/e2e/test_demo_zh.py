@@ -24,7 +24,7 @@ def test_tiny_cpu_zh_prepares_the_mixed_corpus_and_trains(tmp_path: Path) -> Non
     zh = report["languages"]["zh"]
     assert zh["kept_docs"] == zh["read_docs"] == 12
     assert zh["bytes_per_token"] > 2.0  # a tokenizer trained on the stdlib alone: 1.0 (3 tokens per character)
-    privlm("train", "run", "recipes/tiny-cpu-zh.yaml", *sets, "--set", "training.max_steps=40",
-           "--set", "checkpoint.interval=40", "--set", "registry.tracking=false")
+    privlm("train", "run", "recipes/tiny-cpu-zh.yaml", *sets, "--set", "training.max_steps=24",
+           "--set", "checkpoint.interval=24", "--set", "registry.tracking=false")
     losses = read_losses(tmp_path / "run")
-    assert max(losses) == 40 and losses[40] < losses[min(losses)] - 1.0
+    assert max(losses) == 24 and losses[24] < losses[min(losses)] - 1.0
