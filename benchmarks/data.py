@@ -64,7 +64,7 @@ def measure_stations(texts: list[str], tokenizer_dir: Path) -> dict[str, float]:
     from jobs.data import clean, dedup, pii, quality
     from jobs.recipe import PIIConfig, parse_recipe
 
-    recipe = parse_recipe({"name": "b", "data": {"sources": [{"path": "."}]}, "training": {"max_steps": 1}})
+    recipe = parse_recipe({"name": "b", "data": {"sources": [{"path": "."}]}, "training": {"max_steps": 20}})
     cfg = recipe.data.filters
     try:
         from jobs.data import language
@@ -129,7 +129,7 @@ def measure_end_to_end(corpus: str, zh_file: Path, work: Path) -> dict[str, Any]
     else:
         data = {"name": "zh", "tokenizer": {"vocab_size": 8192},
                 "data": {"sources": [{"path": str(zh_file)}], "num_shards": 4, "eval_fraction": 0.02},
-                "training": {"max_steps": 1, "sequence_length": 128, "micro_batch_size": 1, "global_batch_size": 1},
+                "training": {"max_steps": 20, "sequence_length": 128, "micro_batch_size": 1, "global_batch_size": 1},
                 "model": {"max_position_embeddings": 256}}
     data["name"], data["data"]["workers"], data["data"]["output_dir"] = f"bench-{corpus}", 1, str(work / corpus)
     data.setdefault("training", {})["processes_per_node"] = 1

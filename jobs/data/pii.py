@@ -236,8 +236,10 @@ def redact(text: str, cfg: PIIConfig) -> tuple[str, Counter[str]]:
     view = UNSPACED.sub(" ", text) if unspaced else text
     for rule in RULES:
         if rule.kind in enabled and rule.needle in view:
-            text = _apply(rule, text, view, counts)
-            view = UNSPACED.sub(" ", text) if unspaced else text
+            redacted = _apply(rule, text, view, counts)
+            if redacted is not text:
+                text = redacted
+                view = UNSPACED.sub(" ", text) if unspaced else text
     return text, counts
 
 
