@@ -38,11 +38,6 @@ def is_unspaced(unit: str) -> bool:
     return len(unit) == 1 and UNSPACED.match(unit) is not None
 
 
-def unspaced_share(words: list[str]) -> float:
-    """Share of the units that are single Han or kana characters."""
-    return sum(1 for w in words if len(w) == 1 and is_unspaced(w)) / len(words) if words else 0.0
-
-
 @functools.lru_cache(maxsize=4)
 def _detector(candidates: tuple[str, ...]) -> Any:
     from lingua import IsoCode639_1, LanguageDetectorBuilder

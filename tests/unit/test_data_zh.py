@@ -224,3 +224,23 @@ def test_an_invalid_schema_is_refused_before_anything_runs(tmp_path: Path) -> No
         parse_recipe(minimal({"sources": [{"path": str(tmp_path), "record_schema": str(bad)}],
                               "output_dir": str(tmp_path / "out")}))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_weighted_source_left_empty_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from jobs.recipe import dump_recipe
+    from privlm.cli import app
+
+    root = tmp_path / "c"
+    (root / "en").mkdir(parents=True)
+    for i in range(4):
+        (root / "en" / f"doc{i}.txt").write_text(english(i))
+    (root / "zh.jsonl").write_text(json.dumps({"text": "太短。", "category": "x"}, ensure_ascii=False) + "\n")
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(dump_recipe(recipe(root, tmp_path / "out")))
+    result = CliRunner().invoke(app, ["data", "prepare", str(recipe_file)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert ("data.sources[1].weight=0.8 but the source has no train tokens left after filtering and dedup; remove "
+            "its weight or loosen the filters") in result.output
+    assert not (tmp_path / "out").exists()
