@@ -22,12 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from jobs.data.language import UNSPACED
+from jobs.data.language import UNSPACED, UNSPACED_CHARS
 
 _WORD = re.compile(r"\w+")
-# a Han/kana character on its own, or a run of other word characters
-_UNIT_WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]|"
-                        r"[^\W\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]+")
+_UNIT_WORD = re.compile(f"[{UNSPACED_CHARS}]|[^\\W{UNSPACED_CHARS}]+")  # a Han/kana character, or a word
 SCHEME = "affine32"  # datasketch's hashing scheme, named so stored signatures stay comparable
 SEED = 1
 

@@ -13,9 +13,11 @@ import re
 from typing import Any
 
 # Han (CJK unified ideographs, extensions A-F, compatibility), Hiragana, Katakana: scripts written unspaced.
-_UNSPACED_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
-UNSPACED = re.compile(f"[{_UNSPACED_CHARS}]")
-_UNIT = re.compile(f"[{_UNSPACED_CHARS}]|[^\\s{_UNSPACED_CHARS}]+")
+UNSPACED_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+UNSPACED = re.compile(f"[{UNSPACED_CHARS}]")
+_UNIT = re.compile(f"[{UNSPACED_CHARS}]|[^\\s{UNSPACED_CHARS}]+")
+_SPACED = re.compile(f"[^\\s{UNSPACED_CHARS}]+")
+_UNSPACED_RUN = re.compile(f"[{UNSPACED_CHARS}]+")
 UNDETERMINED = "und"
 
 
@@ -34,8 +36,14 @@ def units(text: str) -> list[str]:
     return _UNIT.findall(text)
 
 
-def is_unspaced(unit: str) -> bool:
-    return len(unit) == 1 and UNSPACED.match(unit) is not None
+def spaced_words(text: str) -> list[str]:
+    """The units that are not Han or kana characters: the whitespace-separated words between them."""
+    return _SPACED.findall(text)
+
+
+def blank_unspaced(text: str) -> str:
+    """The text with every Han and kana character replaced by a space (same length, same offsets)."""
+    return _UNSPACED_RUN.sub(lambda m: " " * len(m.group()), text)
 
 
 @functools.lru_cache(maxsize=4)

@@ -228,18 +228,18 @@ RULES: tuple[Rule, ...] = (
 
 def redact(text: str, cfg: PIIConfig) -> tuple[str, Counter[str]]:
     """Replace each enabled kind of PII by its placeholder; count the replacements per rule label."""
-    from jobs.data.language import UNSPACED
+    from jobs.data.language import UNSPACED, blank_unspaced
 
     counts: Counter[str] = Counter()
     enabled = {kind for kind in PLACEHOLDERS if getattr(cfg, kind)}
     unspaced = UNSPACED.search(text) is not None
-    view = UNSPACED.sub(" ", text) if unspaced else text
+    view = blank_unspaced(text) if unspaced else text
     for rule in RULES:
         if rule.kind in enabled and rule.needle in view:
             redacted = _apply(rule, text, view, counts)
             if redacted is not text:
                 text = redacted
-                view = UNSPACED.sub(" ", text) if unspaced else text
+                view = blank_unspaced(text) if unspaced else text
     return text, counts
 
 
