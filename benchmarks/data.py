@@ -10,10 +10,10 @@ own interpreter (`--measure`) on the same two corpora:
 Stations, each timed over every document of a corpus as the pipeline runs it: normalise, language ID, t2s
 (on Chinese documents only; the baseline has neither), filters (length + quality), PII, dedup (MinHash
 signature, plus band keys and sentence hashes in ours), tokenise (one shared tokenizer), pack. End to end:
-`prepare_data` from scratch with one worker, the trees alternating for `--rounds` rounds, fastest run kept (on the Chinese corpus with every filter open: the baseline's
-defaults drop every Chinese document). Also bytes per token and tokens per character of Chinese
-held-out text (the validation and test splits of tiny-cpu-zh) under the tiny-cpu tokenizer of each tree
-and under the one our pipeline trains for tiny-cpu-zh.
+`prepare_data` from scratch with one worker, the trees alternating for `--rounds` rounds, the fastest run
+kept (on the Chinese corpus with every filter open: the baseline's defaults drop every Chinese document).
+Also bytes per token and tokens per character of Chinese held-out text (the validation and test splits of
+tiny-cpu-zh) under the tiny-cpu tokenizer of each tree and under the one our pipeline trains for tiny-cpu-zh.
 """
 
 from __future__ import annotations
