@@ -40,6 +40,7 @@ bench: venv
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/quantize.py
 	$(PY) benchmarks/goodput.py
+	$(PY) benchmarks/data.py
 	$(PY) benchmarks/summary.py
 
 clean:

@@ -83,6 +83,26 @@ def quantize_rows(q: dict[str, Any]) -> list[str]:
     return out
 
 
+def data_rows(data: dict[str, Any]) -> list[str]:
+    """The data pipeline end to end on both corpora against the baseline commit, and Chinese bytes/token."""
+    out = []
+    for corpus, label in (("stdlib", "stdlib corpus"), ("zh", "Chinese corpus")):
+        ours, base = data["ours"][corpus]["end_to_end"], data["baseline"][corpus]["end_to_end"]
+        ratio = data["ratio_end_to_end_mb_per_s"][corpus]
+        target = data.get("target_ratio_stdlib") if corpus == "stdlib" else None
+        out.append(_row(f"data prepare MB/s, {label}", f"{ours['mb_per_s']:.2f}",
+                        f"{base['mb_per_s']:.2f} (commit {data['baseline_commit']})", ratio,
+                        f">= {target}" if target else "-", None if target is None else ratio >= target))
+    tok = data.get("chinese_tokenizer", {})
+    zh = next((v for k, v in tok.items() if k.startswith("ours tiny-cpu-zh")), None)
+    stdlib = next((v for k, v in tok.items() if k.startswith("baseline tiny-cpu")), None)
+    if zh and stdlib:
+        out.append(_row("Chinese held-out bytes/token (tiny-cpu-zh tokenizer)", f"{zh['bytes_per_token']:.2f}",
+                        f"{stdlib['bytes_per_token']:.2f} (tiny-cpu tokenizer)",
+                        zh["bytes_per_token"] / stdlib["bytes_per_token"], "-", None))
+    return out
+
+
 def rows() -> tuple[list[str], list[str]]:
     """Table rows and the machine line of each result file."""
     out, machines = [], []
@@ -104,6 +124,10 @@ def rows() -> tuple[list[str], list[str]]:
         out += quantize_rows(quant)
         if quant.get("machine"):
             machines.append(("quantize.json", quant["machine"]))
+    data = _load("data")
+    if data:
+        out += data_rows(data)
+        machines.append(("data.json", data["machine"]))
     goodput = _load("goodput")
     if goodput:
         p, b = goodput["preempted"], goodput["baseline"]
@@ -117,7 +141,7 @@ def rows() -> tuple[list[str], list[str]]:
 
 def main() -> None:
     table, machines = rows()
-    missing = [n for n in ("train", "serve", "goodput") if not (RESULTS / f"{n}.json").is_file()]
+    missing = [n for n in ("train", "serve", "goodput", "data") if not (RESULTS / f"{n}.json").is_file()]
     lines = ["# privlm benchmarks", "",
              "Each figure is measured beside its baseline in the same run; the ratio is figure / baseline "
              "(for bytes, lower is better).", "",

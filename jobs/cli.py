@@ -33,7 +33,11 @@ def prepare(recipe: Path = RecipeArg, overrides: list[str] = OverrideOpt,
     """Clean, deduplicate, redact, train a tokenizer and pack shards for RECIPE."""
     from jobs.data.pipeline import prepare_data
 
-    result = prepare_data(_load(recipe, overrides), force=force)
+    try:
+        result = prepare_data(_load(recipe, overrides), force=force)
+    except ValueError as exc:  # SourceError, TokenizerError, OutputDirError...: the message names the fix
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"shards in {result.output_dir}")
 
 

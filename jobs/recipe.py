@@ -75,7 +75,8 @@ class TokenizerConfig(Strict):
 
 
 class DataSource(Strict):
-    """One input: a directory or file. `{stdlib}` and `{purelib}` expand to this Python's folders."""
+    """One input: a directory or file. `{stdlib}` and `{purelib}` expand to this Python's folders, `{privlm}` to
+    the checkout (for the data shipped with the recipes)."""
 
     path: str
     format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
@@ -85,11 +86,51 @@ class DataSource(Strict):
     exclude: list[str] = Field(default_factory=list)
     text_field: str = "text"
     max_files: PosInt | None = None
+    weight: float | None = Field(None, gt=0, description="share of the train tokens from this source, relative to "
+                                 "the other sources' weights; None on every source keeps the natural mix")
+    record_schema: str | None = Field(None, description="JSON Schema file each JSONL/Parquet record must satisfy; "
+                                      "records that fail go to the quarantine file with the reason")
 
     def resolved_path(self) -> Path:
-        paths = sysconfig.get_paths()
-        expanded = self.path.format(stdlib=paths["stdlib"], purelib=paths["purelib"], prefix=sys.prefix)
-        return Path(expanded).expanduser()
+        return _expand(self.path)
+
+    def resolved_schema(self) -> Path | None:
+        return _expand(self.record_schema).resolve() if self.record_schema else None
+
+    @field_validator("path")
+    @classmethod
+    def _placeholders_known(cls, v: str) -> str:
+        _expand(v)
+        return v
+
+    @field_validator("record_schema")
+    @classmethod
+    def _schema_is_valid(cls, v: str | None) -> str | None:
+        if v is not None:
+            from jobs.data.schema import check_schema_file
+
+            check_schema_file(_expand(v))
+        return v
+
+    @model_validator(mode="after")
+    def _schema_needs_records(self) -> DataSource:
+        if self.record_schema and self.format == "text":
+            raise ValueError(f"record_schema={self.record_schema!r} needs records: format={self.format!r} has none; "
+                             "use format jsonl, parquet or auto, or remove record_schema")
+        return self
+
+
+def _expand(path: str) -> Path:
+    """`{stdlib}`, `{purelib}` and `{prefix}` expanded to this Python's folders, `{privlm}` to the folder that
+    holds privlm's code and recipes (the checkout), and `~` to the home folder."""
+    paths = sysconfig.get_paths()
+    try:
+        expanded = path.format(stdlib=paths["stdlib"], purelib=paths["purelib"], prefix=sys.prefix,
+                               privlm=Path(__file__).resolve().parents[1])
+    except (KeyError, IndexError, ValueError):
+        raise ValueError(f"{path!r} has a placeholder other than {{stdlib}}, {{purelib}}, {{prefix}} and "
+                         "{privlm}; write a literal brace as {{ or }}") from None
+    return Path(expanded).expanduser()
 
 
 class FilterConfig(Strict):
@@ -115,6 +156,54 @@ class FilterConfig(Strict):
         return self
 
 
+class LanguageConfig(Strict):
+    """Language identification per document (lingua, offline), Traditional→Simplified conversion, which to keep."""
+
+    detect: bool = True
+    candidates: list[str] = Field(default_factory=lambda: ["en", "zh", "ja", "ko", "fr", "de", "es", "ru"],
+                                  description="ISO 639-1 codes the detector chooses among (fewer is faster)")
+    keep: list[str] | None = Field(None, description="languages to keep (plus 'und', undetermined, if listed); "
+                                   "None keeps all")
+    sample_chars: int = Field(1000, ge=50, description="characters of each document the detector reads")
+    t2s: bool = Field(False, description="convert Chinese documents from Traditional to Simplified (OpenCC t2s)")
+
+    @field_validator("candidates", "keep")
+    @classmethod
+    def _known_codes(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        from jobs.data.language import supported_codes
+
+        bad = [c for c in v if c not in supported_codes()]
+        if bad:
+            raise ValueError(f"unknown language codes {bad}; use ISO 639-1 codes the detector knows, e.g. zh, en, ja")
+        return v
+
+    @model_validator(mode="after")
+    def _enough_candidates(self) -> LanguageConfig:
+        if self.detect and len(set(self.candidates)) < 2:
+            raise ValueError(f"candidates={self.candidates} must name at least two languages for detection "
+                             "(or set detect: false)")
+        outside = sorted(set(self.keep or []) - set(self.candidates) - {"und"})
+        if self.detect and outside:
+            raise ValueError(f"keep={self.keep} names {outside}, which are not in candidates={self.candidates}; "
+                             "add them to candidates")
+        return self
+
+
+class SplitConfig(Strict):
+    """Stratified train/validation/test split; validation is stored as the `eval` split the trainer reads."""
+
+    validation: float = Field(0.1, ge=0.0, lt=0.5)
+    test: float = Field(0.1, ge=0.0, lt=0.5)
+    by: str = Field("source", pattern=r"^(source|field:.+)$",
+                    description="strata: 'source', or 'field:NAME' for a JSONL/Parquet record field")
+
+    @property
+    def field(self) -> str | None:
+        return self.by.removeprefix("field:") if self.by.startswith("field:") else None
+
+
 class DedupConfig(Strict):
     """Exact (SHA-256) and near-duplicate (MinHash LSH) removal."""
 
@@ -122,7 +211,11 @@ class DedupConfig(Strict):
     near: bool = True
     threshold: float = Field(0.8, gt=0.0, lt=1.0, description="estimated Jaccard above which docs are duplicates")
     num_perm: int = Field(128, ge=16, le=1024)
-    shingle_size: int = Field(5, ge=1, le=32, description="word n-gram size of the shingles")
+    shingle_size: int = Field(5, ge=1, le=32, description="n-gram size of the shingles, in words; a CJK character "
+                              "counts as a word, so Chinese text gets character n-grams")
+    sentences: bool = Field(True, description="remove prose sentences repeated across documents (code is left "
+                            "as it is); the first kept document keeps them")
+    min_sentence_chars: int = Field(12, ge=1, description="shorter sentences are never removed")
 
 
 class PIIConfig(Strict):
@@ -141,11 +234,57 @@ class DataConfig(Strict):
     output_dir: str = "data/{name}"
     num_shards: PosInt = 4
     workers: PosInt = 2
-    eval_fraction: float = Field(0.02, ge=0.0, lt=0.5)
+    eval_fraction: float | None = Field(None, ge=0.0, lt=0.5,
+                                        description="shorthand for split: {validation: F, test: 0}")
+    split: SplitConfig = Field(default_factory=SplitConfig)
     output_file_mb: float = Field(256.0, gt=0, description="size of one packed .bin file before a new one starts")
+    language: LanguageConfig = Field(default_factory=LanguageConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
+    language_filters: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="per language (ISO 639-1), filter thresholds that replace data.filters'")
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     pii: PIIConfig = Field(default_factory=PIIConfig)
+
+    @model_validator(mode="after")
+    def _split_and_mix(self) -> DataConfig:
+        if self.eval_fraction is not None:
+            shorthand = SplitConfig(validation=self.eval_fraction, test=0.0)
+            if "split" in self.model_fields_set and self.split != shorthand:
+                raise ValueError(f"eval_fraction={self.eval_fraction} and split={self.split.model_dump()} both set "
+                                 "the split; keep one of them")
+            object.__setattr__(self, "split", shorthand)
+        if self.split.validation + self.split.test >= 0.9:
+            raise ValueError(f"split validation={self.split.validation} + test={self.split.test} leaves under 10% "
+                             "for training; lower them")
+        weighted = [i for i, s in enumerate(self.sources) if s.weight is not None]
+        if weighted and len(weighted) != len(self.sources):
+            missing = [i for i in range(len(self.sources)) if i not in weighted]
+            raise ValueError(f"data.sources{weighted} have a weight but data.sources{missing} do not; give every "
+                             "source a weight, or none for the natural mix")
+        for lang in self.language_filters:
+            from jobs.data.language import supported_codes
+
+            if lang not in supported_codes():
+                raise ValueError(f"language_filters has {lang!r}, which is not an ISO 639-1 code the detector knows "
+                                 "(e.g. zh, en)")
+            self.filters_for(lang)  # raises with the field and value when a threshold is out of bounds
+        return self
+
+    def filters_for(self, lang: str) -> FilterConfig:
+        """data.filters with the thresholds of data.language_filters[lang] in their place."""
+        override = self.language_filters.get(lang)
+        if not override:
+            return self.filters
+        unknown = sorted(set(override) - set(FilterConfig.model_fields))
+        if unknown:
+            raise ValueError(f"language_filters.{lang} has unknown fields {unknown}; use the fields of data.filters")
+        try:
+            return FilterConfig(**{**self.filters.model_dump(), **override})
+        except ValidationError as exc:
+            problems = "; ".join(f"language_filters.{lang}.{'.'.join(map(str, e['loc'])) or 'filters'}: "
+                                 f"{e['msg'].removeprefix('Value error, ')} (got {e['input']!r})"
+                                 for e in exc.errors())
+            raise ValueError(problems) from None
 
 
 class TrainingConfig(Strict):

@@ -16,9 +16,10 @@ from jobs.data.sources import InputFile
 from jobs.recipe import Recipe
 
 # Bump when the pipeline's output for the same inputs and settings changes (cleaning rules, packing order...).
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 MANIFEST = "manifest.json"
 REPORT = "report.json"
+QUARANTINE = "quarantine.jsonl"
 
 
 def settings(recipe: Recipe) -> dict[str, Any]:
@@ -70,6 +71,9 @@ def fingerprint(recipe: Recipe, inputs: list[InputFile]) -> dict[str, str | None
     """The inputs', the settings' and the tokenizer source's hashes, and one over all three."""
     parts = {"inputs": input_summary(recipe, inputs)["fingerprint"], "settings": settings_hash(recipe),
              "tokenizer_source": tokenizer_source_hash(recipe)}
+    schemas = [src.resolved_schema() for src in recipe.data.sources if src.record_schema]
+    if schemas:  # an edited schema quarantines other records: the output is out of date
+        parts["record_schemas"] = _sha([hashlib.sha256(p.read_bytes()).hexdigest() for p in schemas])
     return {**parts, "fingerprint": _sha(parts)[:24]}
 
 

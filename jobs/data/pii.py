@@ -9,7 +9,17 @@ code and prose keep their version numbers (3.11.7), dates, times, hex constants,
 - IP: valid IPv4 (not all one-digit octets like 1.2.3.4, not after "version"/"v") and IPv6 with three or more
   groups; loopback, unspecified, multicast, network (x.x.x.0) addresses and netmasks identify nobody and stay;
 - ID: US SSN (not 000/666/9xx area, 00 group, 0000 serial), payment cards (issuer prefix and length, Luhn
-  checksum, one kind of separator) and IBANs (ISO 13616 mod-97 checksum).
+  checksum, one kind of separator; UnionPay's 62 covers mainland bank cards) and IBANs (ISO 13616 mod-97);
+- mainland China: mobile numbers (1[3-9]x, 11 digits, optionally +86/86 and 3-4-4 groups; a bare 11-digit
+  run only after Chinese text or a word like "mobile"), landlines with
+  their area code ((010) 12345678, 0755-12345678), the 18-digit resident ID (GB 11643: a valid birth date
+  and the ISO 7064 MOD 11-2 check digit; a wrong check digit is not an ID) and passports (E/G + 8 digits or
+  E + letter + 7 digits, only after a word like 护照 or passport: the bare shape is too common in code).
+
+Chinese is written without spaces, so a number sits right after a Han character (电话13812345678). The
+patterns run on a view of the text in which every Han/kana character is a space (same length, same
+offsets), so their boundaries work as they do in spaced text; replacements are made in the text itself.
+The count of each replacement is kept under its rule's label (the kind, or e.g. cn_resident_id).
 """
 
 from __future__ import annotations
@@ -30,8 +40,11 @@ GENERIC_TLDS = frozenset({
     "tel", "cat", "post", "global", "solutions", "company", "agency", "digital", "network", "systems"
 })
 _VERSION_BEFORE = re.compile(r"(?i)(?:\bversion|\bver\.?|\brelease|\bpython|\bv)\s*$")
-_PHONE_BEFORE = re.compile(r"(?i)(?:tel|phone|call|mobile|cell|fax|whatsapp|sms)\W{0,3}$")
+_PHONE_BEFORE = re.compile(r"(?i)(?:tel|phone|call|mobile|cell|fax|whatsapp|sms|手机|电话|電話|手機)\W{0,3}$")
 _NETMASK_OCTETS = {"0", "128", "192", "224", "240", "248", "252", "254", "255"}
+_PASSPORT_BEFORE = re.compile(r"(?i)(?:passport|护照|護照)\s*(?:no\.?|number|号码?|號碼?)?\s*[:：#]?\s*$")
+_RESIDENT_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+_RESIDENT_ID_CHECK = "10X98765432"
 
 
 def luhn_valid(digits: str) -> bool:
@@ -126,6 +139,50 @@ def is_ssn(candidate: str, before: str) -> bool:
     return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
 
 
+def resident_id_check_digit(first17: str) -> str:
+    """GB 11643-1999 check digit (ISO 7064 MOD 11-2) of the first 17 digits of a resident ID."""
+    return _RESIDENT_ID_CHECK[sum(int(d) * w for d, w in zip(first17, _RESIDENT_ID_WEIGHTS, strict=True)) % 11]
+
+
+def is_resident_id(candidate: str, before: str) -> bool:
+    """18 characters: region (first digit 1-8), a real birth date from 1900 on, sequence, correct check digit."""
+    import datetime
+
+    if len(candidate) != 18 or not candidate[:17].isdigit():
+        return False
+    try:
+        born = datetime.date(int(candidate[6:10]), int(candidate[10:12]), int(candidate[12:14]))
+    except ValueError:
+        return False
+    return born.year >= 1900 and resident_id_check_digit(candidate[:17]) == candidate[17].upper()
+
+
+def is_cn_mobile(candidate: str, before: str) -> bool:
+    """11 digits 1[3-9]xxxxxxxxx after an optional 86 country code, in one block or 3-4-4 groups.
+
+    A bare 11-digit run counts only after Chinese text or a word like "mobile": in code it is a number.
+    """
+    from jobs.data.language import UNSPACED
+
+    digits = re.sub(r"\D", "", candidate)
+    if digits.startswith("86") and len(digits) == 13:
+        digits = digits[2:]
+    bare = candidate.isdigit() and len(candidate) == 11
+    if bare and not (UNSPACED.search(before) or _PHONE_BEFORE.search(before)):
+        return False
+    return len(digits) == 11 and digits[0] == "1" and digits[1] in "3456789"
+
+
+def is_cn_landline(candidate: str, before: str) -> bool:
+    """Area code 010 or 02x (3 digits) or 0[3-9]xx (4 digits), then a 7-8 digit local number."""
+    area = re.match(r"[(（]?(0\d+)", candidate).group(1)
+    return len(area) == (3 if area[1] in "12" else 4)
+
+
+def is_cn_passport(candidate: str, before: str) -> bool:
+    return _PASSPORT_BEFORE.search(before) is not None
+
+
 @dataclass(frozen=True)
 class Rule:
     """One kind of PII: a pattern proposing candidates, a validator (candidate, text before it) -> bool, and a
@@ -135,11 +192,22 @@ class Rule:
     pattern: re.Pattern[str]
     valid: Callable[[str, str], bool]
     needle: str = ""
+    label: str = ""  # the name it is counted under; the kind when empty
 
 
 # Every pattern consumes its first character before looking behind (`X(?<![\w.]X)`): the regex engine then
 # scans for that character instead of trying the look-behind at every position, several times faster.
 RULES: tuple[Rule, ...] = (
+    Rule("id_number", re.compile(r"[1-8](?<![\w.,+-].)\d{5}(?:18|19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])"
+                                 r"\d{3}[\dXx](?![\w-]|[.,]\d)"), is_resident_id, label="cn_resident_id"),
+    Rule("id_number", re.compile(r"[EGeg](?<![\w-].)(?:\d{8}|[A-HJ-NP-Za-hj-np-z]\d{7})(?![\w-])"), is_cn_passport,
+         label="cn_passport"),
+    Rule("phone", re.compile(r"(?:\+|(?<![\w.+-]))86[ -]?1[3-9]\d(?:[ -]?\d{4}){2}(?![\w-]|[.,]\d)"), is_cn_mobile,
+         "86", label="cn_mobile"),
+    Rule("phone", re.compile(r"1(?<![\w.,+-].)[3-9]\d(?:\d{8}|[ -]\d{4}[ -]\d{4})(?![\w-]|[.,]\d)"), is_cn_mobile,
+         label="cn_mobile"),
+    Rule("phone", re.compile(r"[(（0](?<![\w.,+-].)(?:(?<=[(（])0\d{2,3}[)）] ?|(?<=0)\d{2,3}-)[2-9]\d{6,7}(?:-\d{1,6})?"
+                             r"(?![\w-]|[.,]\d)"), is_cn_landline, label="cn_landline"),
     Rule("email", re.compile(
         r"[A-Za-z0-9](?<![\w.%+-].)[A-Za-z0-9._%+-]*@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,24}"
         r"(?![\w@-])"), lambda c, b: is_email(c), "@"),
@@ -159,20 +227,30 @@ RULES: tuple[Rule, ...] = (
 
 
 def redact(text: str, cfg: PIIConfig) -> tuple[str, Counter[str]]:
-    """Replace each enabled kind of PII by its placeholder; count the replacements per kind."""
+    """Replace each enabled kind of PII by its placeholder; count the replacements per rule label."""
+    from jobs.data.language import UNSPACED, blank_unspaced
+
     counts: Counter[str] = Counter()
     enabled = {kind for kind in PLACEHOLDERS if getattr(cfg, kind)}
+    unspaced = UNSPACED.search(text) is not None
+    view = blank_unspaced(text) if unspaced else text
     for rule in RULES:
-        if rule.kind in enabled and rule.needle in text:
-            text = _apply(rule, text, counts)
+        if rule.kind in enabled and rule.needle in view:
+            redacted = _apply(rule, text, view, counts)
+            if redacted is not text:
+                text = redacted
+                view = blank_unspaced(text) if unspaced else text
     return text, counts
 
 
-def _apply(rule: Rule, text: str, counts: Counter[str]) -> str:
-    def replace(m: re.Match[str]) -> str:
-        if not rule.valid(m.group(0), text[max(0, m.start() - 12):m.start()]):
-            return m.group(0)
-        counts[rule.kind] += 1
-        return PLACEHOLDERS[rule.kind]
-
-    return rule.pattern.sub(replace, text)
+def _apply(rule: Rule, text: str, view: str, counts: Counter[str]) -> str:
+    """Replace the rule's valid matches, found in `view`, at the same offsets of `text`."""
+    out, last = [], 0
+    for m in rule.pattern.finditer(view):
+        candidate = text[m.start():m.end()]
+        if not rule.valid(candidate, text[max(0, m.start() - 16):m.start()]):
+            continue
+        counts[rule.label or rule.kind] += 1
+        out += [text[last:m.start()], PLACEHOLDERS[rule.kind]]
+        last = m.end()
+    return "".join(out) + text[last:] if out else text

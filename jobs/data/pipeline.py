@@ -1,13 +1,18 @@
 """`privlm data prepare`: the data stations in order, sharded, with a manifest and a report.
 
     plan_shards     discover the inputs, fingerprint them with the settings, assign files to shards
-    process_shard   per shard, in its own process: normalise, length and quality filters, PII redaction,
-                    SHA-256 and MinHash signatures                                       (jobs.data.shard)
-    finalize        once: global exact + near dedup and the eval split, tokenizer, tokenization per shard,
-                    packing, index, manifest, report; then the output directory is published (jobs.data.merge)
+    process_shard   per shard, in its own process: normalise, language ID and t2s, length and quality filters
+                    (per language), PII redaction, schema quarantine, SHA-256, MinHash signatures and their
+                    LSH band keys, prose sentence hashes                                 (jobs.data.shard)
+    dedup_bucket    per bucket of band keys and sentence hashes, in its own process: verified similar pairs,
+                    sentences found in several documents                               (jobs.data.buckets)
+    finalize        once: exact + near dedup decisions from the buckets' results, repeated sentences, the
+                    stratified split, tokenizer, tokenization per shard, weighted packing, index, manifest,
+                    report; then the output directory is published                        (jobs.data.merge)
 
-`prepare_data` runs the three here, the shards in a process pool of data.workers. On a cluster, run
-`plan_shards` once, `process_shard(recipe, i, work_dir)` as array task i, then `finalize(recipe, work_dir)`.
+`prepare_data` runs them here, shards and buckets in a process pool of data.workers. On a cluster, run
+`plan_shards` once, `process_shard(recipe, i, work_dir)` as array task i, `dedup_bucket(recipe, j, work_dir)`
+as task j of a second array, then `finalize(recipe, work_dir)` (which runs any bucket not yet done).
 
 Files: the work files live in `<data_path>.work/` until the output is published; the output is built in
 `<data_path>.tmp/` and renamed into place, so a failed run leaves the previous output as it was.
@@ -23,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.data.manifest import MANIFEST, REPORT, current_manifest, fingerprint, settings_hash
+from jobs.data.manifest import MANIFEST, QUARANTINE, REPORT, current_manifest, fingerprint, settings_hash
+from jobs.data.buckets import dedup_bucket
 from jobs.data.progress import Stages, run_parallel, stage_bars
 from jobs.data.shard import as_recipe, check_plan, process_shard, shard_dir, tokenize_shard
 from jobs.data.sources import InputFile, discover
@@ -135,11 +141,14 @@ def finalize(recipe: Recipe | str | Path, work_dir: str | Path, bars: Stages | N
     kept = sum(s["kept"]["pii redaction"][0] for s in stats)
 
     t = time.perf_counter()
+    for b in range(plan["num_shards"]):  # done by the bucket array on a cluster: then each is skipped
+        dedup_bucket(recipe, b, work_dir)
     bar = bars.stage("deduplicate", kept, "docs")
     dedup = deduplicate(recipe, work_dir, bar)
     bar.done()
-    seconds["dedup"], t = time.perf_counter() - t, time.perf_counter()
-    if dedup["train"]["docs"] + dedup["eval"]["docs"] == 0:
+    seconds["dedup"] = seconds.get("dedup", 0.0) + time.perf_counter() - t
+    t = time.perf_counter()
+    if dedup["train"]["docs"] + dedup["eval"]["docs"] + dedup["test"]["docs"] == 0:
         raise ValueError("every document was filtered out; loosen data.filters or check data.sources "
                          f"(drop reasons per shard in {work_dir}/shard-*/clean/stats.json)")
     train_docs = dedup["train"]["docs"] if not recipe.tokenizer.path else 0
@@ -147,7 +156,7 @@ def finalize(recipe: Recipe | str | Path, work_dir: str | Path, bars: Stages | N
     tokenizer = build_tokenizer(recipe, work_dir, bar)
     bar.done()
     seconds["tokenizer"], t = time.perf_counter() - t, time.perf_counter()
-    kept_bytes = dedup["train"]["bytes"] + dedup["eval"]["bytes"]
+    kept_bytes = sum(dedup[name]["bytes"] for name in ("train", "eval", "test"))
     bar = bars.stage("tokenize", kept_bytes, "bytes")
     for s in range(plan["num_shards"]):  # the tokenizer's own threads use every core
         tokenize_shard(recipe, s, work_dir, progress=bar)
@@ -172,11 +181,12 @@ def _pack_and_publish(recipe: Recipe, work_dir: Path, plan: dict[str, Any], stat
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        kept = dedup["train"]["docs"] + dedup["eval"]["docs"]
+        kept = sum(dedup[name]["docs"] for name in ("train", "eval", "test"))
         bar = bars.stage("pack", kept, "docs")
         packed = pack(recipe, work_dir, tmp, tokenizer, bar)
         bar.done()
         shutil.copytree(work_dir / "tokenizer", tmp / "tokenizer")
+        _write_quarantine(work_dir, plan["num_shards"], tmp / QUARANTINE)
         index = write_index(tmp, packed["dtype"], recipe.training.sequence_length, tokenizer["vocab_size"],
                             tokenizer["eos_id"], packed["index"])
         seconds["pack"] = time.perf_counter() - t
@@ -190,6 +200,18 @@ def _pack_and_publish(recipe: Recipe, work_dir: Path, plan: dict[str, Any], stat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def _write_quarantine(work_dir: Path, num_shards: int, out: Path) -> None:
+    """Every shard's quarantined records in (source, path, record) order, in one JSONL file (none: no file)."""
+    records = []
+    for s in range(num_shards):
+        path = shard_dir(work_dir, s) / "clean" / "quarantine.jsonl"
+        if path.is_file():
+            records += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    if records:
+        records.sort(key=lambda r: (r["source"], r["path"], r["record"]))
+        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def prepare_data(recipe: Recipe, force: bool = False, console: Any = None, progress: bool = True) -> PrepareResult:
@@ -210,7 +232,13 @@ def prepare_data(recipe: Recipe, force: bool = False, console: Any = None, progr
         bar = bars.stage("clean, filter, redact", plan.input_bytes, "bytes")
         run_parallel(process_shard, jobs, recipe.data.workers, bar)
         bar.done()
-        report = finalize(recipe, plan.work_dir, bars, {"clean": time.perf_counter() - started})
+        seconds = {"clean": time.perf_counter() - started}
+        t = time.perf_counter()
+        bar = bars.stage("dedup buckets", plan.num_shards, "buckets")
+        run_parallel(dedup_bucket, jobs, recipe.data.workers, bar)
+        bar.done()
+        seconds["dedup"] = time.perf_counter() - t
+        report = finalize(recipe, plan.work_dir, bars, seconds)
     from jobs.data.report import print_report
 
     print_report(report, str(out), console)

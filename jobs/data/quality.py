@@ -1,7 +1,10 @@
 """Gopher-style quality heuristics (Rae et al. 2021, appendix A), each returning a drop reason or None.
 
-Words are whitespace-separated tokens, as in Gopher; for code they include operators and punctuation,
-which is why the code recipes loosen the symbol and alphabetic-word thresholds.
+Words are whitespace-separated tokens, as in Gopher, except in Chinese and Japanese, where each Han or kana
+character counts as one word (`jobs.data.language.units`): counts, repetition and symbol ratios are then in
+characters. The mean word length is measured over the space-separated words only, and not at all for a
+document that is mostly unspaced script. For code, words include operators and punctuation, which is why
+the code recipes loosen the symbol and alphabetic-word thresholds.
 """
 
 from __future__ import annotations
@@ -10,19 +13,29 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from jobs.data.language import UNSPACED, spaced_words, units
 from jobs.recipe import FilterConfig
 
 
 @dataclass(frozen=True)
 class Doc:
-    """A text split once into what the heuristics look at."""
+    """A text split once into what the heuristics look at: its word units, and its space-separated words."""
 
     text: str
     words: list[str]
+    spaced_words: list[str]
 
     @classmethod
     def of(cls, text: str) -> Doc:
-        return cls(text, text.split())
+        words = units(text)
+        if UNSPACED.search(text) is None:
+            return cls(text, words, words)
+        return cls(text, words, spaced_words(text))
+
+    @property
+    def unspaced(self) -> bool:
+        """Mostly Chinese or Japanese: the measures are in characters."""
+        return len(self.spaced_words) * 2 < len(self.words)
 
 
 def mean_word_length(words: list[str]) -> float:
@@ -50,13 +63,16 @@ def top_ngram_fraction(words: list[str], n: int = 2) -> float:
     return min(1.0, count * sum(map(len, gram)) / max(sum(map(len, words)), 1))
 
 
-def alpha_word_fraction(words: list[str]) -> float:
-    """Share of words that contain at least one alphabetic character."""
-    return sum(1 for w in words if any(c.isalpha() for c in w)) / max(len(words), 1)
+def alpha_word_fraction(words: list[str], letters: int = 0) -> float:
+    """Share of words that contain at least one alphabetic character; `letters` more words are known to be
+    single letters (the Han and kana characters of a Chinese or Japanese text, counted apart for speed)."""
+    return (letters + sum(1 for w in words if any(map(str.isalpha, w)))) / max(len(words) + letters, 1)
 
 
 def check_mean_word_length(doc: Doc, cfg: FilterConfig) -> str | None:
-    mwl = mean_word_length(doc.words)
+    if doc.unspaced:
+        return None
+    mwl = mean_word_length(doc.spaced_words)
     if mwl < cfg.min_mean_word_length:
         return "mean_word_length_low"
     return "mean_word_length_high" if mwl > cfg.max_mean_word_length else None
@@ -75,7 +91,9 @@ def check_top_ngram(doc: Doc, cfg: FilterConfig) -> str | None:
 
 
 def check_alpha_words(doc: Doc, cfg: FilterConfig) -> str | None:
-    return "alpha_words" if alpha_word_fraction(doc.words) < cfg.min_alpha_word_fraction else None
+    unspaced = len(doc.words) - len(doc.spaced_words)
+    fraction = alpha_word_fraction(doc.spaced_words, unspaced)
+    return "alpha_words" if fraction < cfg.min_alpha_word_fraction else None
 
 
 CHECKS: tuple[Callable[[Doc, FilterConfig], str | None], ...] = (

@@ -14,6 +14,8 @@ def stage_of(reason: str) -> str:
     """The stage that drops documents for `reason`."""
     if reason == "binary":
         return "normalise"
+    if reason == "language_not_kept":
+        return "language"
     return "length filter" if reason in LENGTH_REASONS else "quality filter"
 
 
@@ -21,7 +23,18 @@ def _sum_shards(shard_stats: list[dict[str, Any]]) -> dict[str, Any]:
     kept = {stage: [0, 0] for stage in STAGES}
     dropped: dict[str, list[int]] = {}
     pii: Counter[str] = Counter()
+    languages: dict[str, dict[str, Any]] = {}
+    quarantined: dict[str, list[int]] = {}
     for st in shard_stats:
+        for lang, row in st["languages"].items():
+            total = languages.setdefault(lang, {"read": [0, 0], "kept": [0, 0], "dropped": {}})
+            for key in ("read", "kept"):
+                total[key] = [a + b for a, b in zip(total[key], row[key], strict=True)]
+            for reason, counts in row["dropped"].items():
+                total["dropped"][reason] = [a + b for a, b in zip(total["dropped"].get(reason, [0, 0]), counts,
+                                                                  strict=True)]
+        for key, counts in st["quarantined"].items():
+            quarantined[key] = [a + b for a, b in zip(quarantined.get(key, [0, 0]), counts, strict=True)]
         for stage, (docs, size) in st["kept"].items():
             kept[stage][0] += docs
             kept[stage][1] += size
@@ -31,6 +44,7 @@ def _sum_shards(shard_stats: list[dict[str, Any]]) -> dict[str, Any]:
             row[1] += size
         pii.update(st["pii"])
     return {"kept": kept, "dropped": dropped, "pii": pii, "pii_docs": sum(st["pii_docs"] for st in shard_stats),
+            "languages": languages, "quarantined": quarantined, "t2s_docs": sum(st["t2s_docs"] for st in shard_stats),
             "files": sum(st["files"] for st in shard_stats), "file_bytes": sum(st["file_bytes"] for st in shard_stats)}
 
 
@@ -51,6 +65,34 @@ def _stage_rows(total: dict[str, Any], dedup: dict[str, Any]) -> list[dict[str, 
     return rows
 
 
+def _language_rows(total: dict[str, Any], packed: dict[str, Any]) -> dict[str, Any]:
+    """Per language: documents read, kept after the filters, dropped per reason; train tokens, and bytes per
+    token of the held-out splits (all splits when the language has none held out)."""
+    train = packed["splits"]["train"]
+    out = {}
+    for lang, row in sorted(total["languages"].items()):
+        held_out = [split for name, split in packed["splits"].items()
+                    if name != "train" and split["natural_tokens_per_language"].get(lang)]
+        measured = held_out or list(packed["splits"].values())  # held out: the tokenizer never saw them
+        tokens = sum(split["natural_tokens_per_language"].get(lang, 0) for split in measured)
+        nbytes = sum(split["bytes_per_language"].get(lang, 0) for split in measured)
+        out[lang] = {"read_docs": row["read"][0], "read_bytes": row["read"][1], "kept_docs": row["kept"][0],
+                     "kept_bytes": row["kept"][1],
+                     "dropped": {r: {"docs": d, "bytes": b} for r, (d, b) in sorted(row["dropped"].items())},
+                     "train_tokens": train["tokens_per_language"].get(lang, 0), "natural_tokens": tokens,
+                     "bytes_per_token": nbytes / tokens if tokens else None,
+                     "bytes_per_token_on": "validation and test" if held_out else "all splits"}
+    return out
+
+
+def _quarantine_rows(total: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, (records, size) in sorted(total["quarantined"].items()):
+        source, reason = key.split("\t", 1)
+        out.setdefault(f"data.sources[{source}]", {})[reason] = {"records": records, "bytes": size}
+    return out
+
+
 def build_report(recipe_name: str, shard_stats: list[dict[str, Any]], dedup: dict[str, Any],
                  tokenizer: dict[str, Any], packed: dict[str, Any], seconds: dict[str, float],
                  block_size: int) -> dict[str, Any]:
@@ -65,8 +107,11 @@ def build_report(recipe_name: str, shard_stats: list[dict[str, Any]], dedup: dic
         "drop_reasons": {r: {"stage": stage_of(r), "docs": d, "bytes": b}
                          for r, (d, b) in sorted(total["dropped"].items())},
         "pii_redactions": dict(sorted(total["pii"].items())), "pii_docs": total["pii_docs"],
+        "t2s_docs": total["t2s_docs"], "languages": _language_rows(total, packed),
+        "quarantined": _quarantine_rows(total),
+        "quarantined_records": sum(r for r, _ in total["quarantined"].values()),
         "dedup": dedup, "tokenizer": tokenizer, "block_size": block_size, "splits": packed["splits"],
-        "eval_topped_up_docs": packed["eval_topped_up_docs"],
+        "eval_topped_up_docs": packed["eval_topped_up_docs"], "test_topped_up_docs": packed["test_topped_up_docs"],
     }
 
 
@@ -96,20 +141,49 @@ def print_report(report: dict[str, Any], out: str, console: Any = None) -> None:
     for line in _reason_lines(report):
         console.print(line, highlight=False, soft_wrap=True)
     console.print(splits)
+    console.print(_language_table(report))
     tok = report["tokenizer"]
     console.print(f"tokenizer: {tok['source']}, {tok['vocab_size']:,} tokens; "
                   f"{report['input_bytes'] / 1e6:,.1f} MB in {report['seconds']:.1f}s "
                   f"({report['mb_per_s']:.2f} MB/s)", highlight=False, soft_wrap=True)
 
 
+def _language_table(report: dict[str, Any]) -> Any:
+    """Kept and dropped documents, train tokens and bytes per token, per language."""
+    from rich.table import Table
+
+    table = Table(title="languages", title_justify="left")
+    for col in ("language", "read docs", "kept docs", "dropped docs", "train tokens", "bytes/token"):
+        table.add_column(col, justify="left" if col == "language" else "right")
+    for lang, row in report["languages"].items():
+        dropped = sum(v["docs"] for v in row["dropped"].values())
+        bpt = "-" if row["bytes_per_token"] is None else f"{row['bytes_per_token']:.2f}"
+        table.add_row(lang, f"{row['read_docs']:,}", f"{row['kept_docs']:,}", f"{dropped:,}",
+                      f"{row['train_tokens']:,}", bpt)
+    return table
+
+
 def _reason_lines(report: dict[str, Any]) -> list[str]:
     lines = []
-    for stage in ("normalise", "length filter", "quality filter"):
+    for stage in ("normalise", "language", "length filter", "quality filter"):
         reasons = [f"{r} {v['docs']:,}" for r, v in report["drop_reasons"].items() if v["stage"] == stage]
         if reasons:
             lines.append(f"  {stage} dropped: " + ", ".join(reasons))
     pii = ", ".join(f"{k} {v:,}" for k, v in report["pii_redactions"].items()) or "nothing"
     lines.append(f"  PII redacted: {pii} (in {report['pii_docs']:,} documents)")
+    if report["t2s_docs"]:
+        lines.append(f"  Traditional→Simplified (OpenCC t2s): {report['t2s_docs']:,} documents converted")
+    sentences = report["dedup"].get("sentences", {})
+    if sentences.get("removed"):
+        lines.append(f"  repeated sentences removed: {sentences['removed']:,} in {sentences['docs']:,} documents")
+    for source, reasons in report["quarantined"].items():
+        shown = ", ".join(f"{r} {v['records']:,}" for r, v in reasons.items())
+        lines.append(f"  quarantined from {source}: {shown} (see quarantine.jsonl)")
+    train = report["splits"]["train"]
+    if len(train["tokens_per_source"]) > 1:
+        shares = ", ".join(f"data.sources[{k}] {v / max(train['tokens'], 1):.1%}"
+                           for k, v in train["tokens_per_source"].items())
+        lines.append(f"  train tokens per source: {shares}")
     if report["eval_topped_up_docs"]:
         lines.append(f"  eval split topped up with {report['eval_topped_up_docs']} documents to fill one block")
     return lines

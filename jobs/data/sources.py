@@ -3,6 +3,9 @@
 A document's id is `s<source index>/<path relative to the source>` (plus `#<record>` inside JSONL and
 Parquet files): it does not depend on where the corpus lies, so shard assignment, the eval split and the
 packing order are the same on every machine.
+
+A source with a `record_schema` never stops the run for a bad record: a line that is not JSON, a record that
+fails the schema or has no text field comes out as a `Quarantined` item with the reason, instead of a document.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from jobs.recipe import DataSource
 
@@ -35,6 +39,11 @@ class InputFile:
     text_field: str
     size: int
     mtime_ns: int
+    record_schema: str | None = None  # absolute path of the JSON Schema its records must satisfy
+
+    @property
+    def quarantines(self) -> bool:
+        return self.record_schema is not None
 
     @property
     def doc_prefix(self) -> str:
@@ -52,6 +61,17 @@ class Document:
     doc_id: str
     order: tuple[int, str, int]
     text: str
+    group: str | None = None  # the value of data.split's record field, for the stratified split
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """A record that is not trained on, with where it was and why."""
+
+    doc_id: str
+    order: tuple[int, str, int]
+    reason: str
+    record: str  # the line or row as it was read (JSON)
 
 
 def stable_hash(text: str, salt: str = "") -> int:
@@ -106,8 +126,9 @@ def discover_source(index: int, src: DataSource) -> list[InputFile]:
     out = []
     for rel, p in candidates:
         st = p.stat()
+        schema = str(src.resolved_schema()) if src.record_schema else None
         out.append(InputFile(str(p.resolve()), rel, index, format_of(p, src.format), src.text_field,
-                             st.st_size, st.st_mtime_ns))
+                             st.st_size, st.st_mtime_ns, schema))
     return out
 
 
@@ -123,21 +144,44 @@ def discover(sources: list[DataSource]) -> list[InputFile]:
     return found
 
 
-def read_documents(item: InputFile) -> Iterator[Document]:
-    """The documents in one input file."""
+def read_documents(item: InputFile, group_field: str | None = None) -> Iterator[Document | Quarantined]:
+    """The documents in one input file (and, for a source with a record schema, its quarantined records)."""
     if item.format == "text":
         text = Path(item.path).read_bytes().decode("utf-8", errors="replace")
         yield Document(item.doc_prefix, (item.source, item.rel, 0), text)
     elif item.format == "jsonl":
-        yield from _read_jsonl(item)
+        yield from _read_jsonl(item, group_field)
     elif item.format == "parquet":
-        yield from _read_parquet(item)
+        yield from _read_parquet(item, group_field)
     else:
         raise SourceError(f"data.sources[{item.source}].format={item.format!r} is unknown; "
                           "use auto, text, jsonl or parquet")
 
 
-def _read_jsonl(item: InputFile) -> Iterator[Document]:
+def _record(item: InputFile, n: int, record: Any, raw: str, group_field: str | None) -> Document | Quarantined:
+    """A record as a Document, or Quarantined when the source has a schema and the record fails it."""
+    order = (item.source, item.rel, n)
+    doc_id = f"{item.doc_prefix}#{n}"
+    if item.record_schema is not None:
+        from jobs.data.schema import record_validator, schema_problem
+
+        problem = schema_problem(record_validator(item.record_schema), record)
+        if problem:
+            return Quarantined(doc_id, order, problem, raw)
+    text = record.get(item.text_field) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        if item.quarantines:
+            return Quarantined(doc_id, order, f"no string field {item.text_field!r}", raw)
+        unit = "line" if item.format == "jsonl" else "row"
+        raise SourceError(f"data.sources[{item.source}]: {item.path}, {unit} {n} has no string field "
+                          f"{item.text_field!r} (it has {keys}); set data.sources[{item.source}].text_field to the "
+                          "field holding the text")
+    group = record.get(group_field) if group_field else None
+    return Document(doc_id, order, text, None if group is None else str(group))
+
+
+def _read_jsonl(item: InputFile, group_field: str | None) -> Iterator[Document | Quarantined]:
     import gzip
 
     opener = gzip.open if item.path.endswith(".gz") else open
@@ -149,16 +193,15 @@ def _read_jsonl(item: InputFile) -> Iterator[Document]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
+                if item.quarantines:
+                    yield Quarantined(f"{item.doc_prefix}#{n}", (item.source, item.rel, n),
+                                      f"not valid JSON ({exc.msg})", line.rstrip("\n"))
+                    continue
                 raise SourceError(f"{where}, line {n} is not valid JSON ({exc.msg})") from None
-            text = record.get(item.text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise SourceError(f"{where}, line {n} has no string field {item.text_field!r} (it has {keys}); "
-                                  f"set data.sources[{item.source}].text_field to the field holding the text")
-            yield Document(f"{item.doc_prefix}#{n}", (item.source, item.rel, n), text)
+            yield _record(item, n, record, line.rstrip("\n"), group_field)
 
 
-def _read_parquet(item: InputFile) -> Iterator[Document]:
+def _read_parquet(item: InputFile, group_field: str | None) -> Iterator[Document | Quarantined]:
     import pyarrow.parquet as pq
 
     table = pq.ParquetFile(item.path)
@@ -166,6 +209,15 @@ def _read_parquet(item: InputFile) -> Iterator[Document]:
     if item.text_field not in names:
         raise SourceError(f"data.sources[{item.source}]: {item.path} has no column {item.text_field!r} "
                           f"(columns: {names}); set data.sources[{item.source}].text_field")
+    if item.quarantines or (group_field and group_field in names):
+        row = 0
+        for batch in table.iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                row += 1
+                if not item.quarantines and not isinstance(record[item.text_field], str):
+                    record = {**record, item.text_field: ""}  # an empty cell is an empty document, as below
+                yield _record(item, row, record, json.dumps(record, ensure_ascii=False, default=str), group_field)
+        return
     row = 0
     for batch in table.iter_batches(columns=[item.text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():

@@ -1,15 +1,17 @@
 """`privlm data submit`: data preparation as a Slurm array (one task per shard), then the global pass.
 
-The plan is made here (it is quick: it lists and fingerprints the inputs); task i of the array runs
-`process_shard(recipe, i, work_dir)`; one dependent job runs `finalize` (global near-duplicate pass,
-tokenizer, packing) once every shard succeeded. A requeued or resubmitted shard task skips a shard that
-is already cleaned, and an unchanged corpus is not resubmitted at all.
+The plan is made here (it is quick: it lists and fingerprints the inputs); task i of the first array runs
+`process_shard(recipe, i, work_dir)`; task j of a second array, once every shard succeeded, runs
+`dedup_bucket(recipe, j, work_dir)` (the LSH bands and sentence hashes of bucket j: no task holds every
+signature); one dependent job runs `finalize` (dedup decisions, split, tokenizer, packing) once every bucket
+succeeded. A requeued or resubmitted task skips a shard or bucket that is already done, and an unchanged
+corpus is not resubmitted at all.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ class DataSubmission:
     shards: list[Any]
     finalize: Any | None
     output_dir: Path
+    buckets: list[Any] = field(default_factory=list)
 
 
 def _executor(recipe: Recipe, kind: str, folder: Path) -> submitit.AutoExecutor:
@@ -44,6 +47,7 @@ def _executor(recipe: Recipe, kind: str, folder: Path) -> submitit.AutoExecutor:
 
 def submit_data(recipe: Recipe, kind: str) -> DataSubmission:
     """Plan the shards, submit the array and the dependent global pass; record both for `privlm jobs`."""
+    from jobs.data.buckets import dedup_bucket
     from jobs.data.pipeline import finalize, plan_shards
     from jobs.data.shard import process_shard
 
@@ -58,14 +62,22 @@ def submit_data(recipe: Recipe, kind: str) -> DataSubmission:
     n = plan.num_shards
     shards = executor.map_array(process_shard, [str(recipe_file)] * n, list(range(n)), [work] * n)
     record_job(shards[0], kind, "data-shards", recipe, folder)
-    if kind == "slurm":
-        array_id = shards[0].job_id.split("_")[0]
-        executor.update_parameters(slurm_additional_parameters={**sbatch_options(recipe),
-                                                                "dependency": f"afterok:{array_id}",
-                                                                "kill_on_invalid_dep": "yes"})
-    else:  # the local executor has no dependencies: the shards finish first
-        for job in shards:
-            job.result()
+    _after(executor, recipe, kind, shards)
+    buckets = executor.map_array(dedup_bucket, [str(recipe_file)] * n, list(range(n)), [work] * n)
+    record_job(buckets[0], kind, "data-buckets", recipe, folder)
+    _after(executor, recipe, kind, shards, buckets)
     final = executor.submit(finalize, str(recipe_file), work)
     record_job(final, kind, "data", recipe, folder)
-    return DataSubmission(shards, final, recipe.data_path)
+    return DataSubmission(shards, final, recipe.data_path, buckets)
+
+
+def _after(executor: submitit.AutoExecutor, recipe: Recipe, kind: str, *arrays: list[Any]) -> None:
+    """Make the next submission wait until every task of `arrays` succeeded (the local executor: wait here)."""
+    if kind == "slurm":
+        ids = ":".join(array[0].job_id.split("_")[0] for array in arrays)
+        executor.update_parameters(slurm_additional_parameters={**sbatch_options(recipe),
+                                                                "dependency": f"afterok:{ids}",
+                                                                "kill_on_invalid_dep": "yes"})
+    else:  # the local executor has no dependencies: the earlier tasks finish first
+        for job in arrays[-1]:
+            job.result()

@@ -245,8 +245,10 @@ def test_data_preparation_runs_as_an_array_then_the_global_pass(
     data = merge(SMALL, {"name": "arr", "run_dir": str(tmp_path / "arr"), "data": {"output_dir": str(tmp_path / "d")}})
     sub = submit_data(parse_recipe(data), "slurm")
     assert [job.job_id.split("_")[1] for job in sub.shards] == ["0", "1"]  # one array task per shard
+    assert [job.job_id.split("_")[1] for job in sub.buckets] == ["0", "1"]  # one per bucket of LSH bands
+    shards, buckets = (jobs[0].job_id.split("_")[0] for jobs in (sub.shards, sub.buckets))
     script = sub.finalize.paths.submission_file.read_text()
-    assert f"--dependency=afterok:{sub.shards[0].job_id.split('_')[0]}" in script  # waits for every shard
+    assert f"--dependency=afterok:{shards}:{buckets}" in script  # waits for every shard and bucket
     report = sub.finalize.result()
     assert report["splits"]["train"]["tokens"] > 0
 

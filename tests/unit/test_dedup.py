@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 
-from jobs.data.dedup import MinHasher, exact_duplicates, exact_key, near_duplicates, shingles
+from jobs.data.dedup import MinHasher, exact_duplicates, exact_key, jaccard_estimate, near_duplicates, shingles
 
 HASHER = MinHasher(num_perm=128, shingle_size=5)
 
@@ -78,3 +82,106 @@ def test_documents_are_compared_with_kept_ones_only() -> None:
 
 def test_empty_input() -> None:
     assert near_duplicates([], np.empty((0, 128), dtype=np.uint32), 0.8) == {}
+
+
+# --- CJK shingles and the bucketed global pass ------------------------------------------------------------------
+ZH = ("数据平台团队通常先做一次盘点，列出每个来源的负责人、更新频率和保密等级，再决定哪些数据可以进入训练集。"
+      "没有这一步，后面的清洗、去重和脱敏都无从谈起。盘点完成以后，团队会为每个来源写一个读取器，把原始文件统一"
+      "转换成每行一条记录的格式，记录里保留来源、路径和更新时间，方便以后追溯。读取器要能够重复运行，同样的输入"
+      "必须得到同样的输出，这样才能在出问题时重新构建数据集。")
+
+
+def zh_edit(text: str, changes: int, seed: int) -> str:
+    rng = random.Random(seed)
+    chars = list(text)
+    for _ in range(changes):
+        chars[rng.randrange(len(chars))] = rng.choice("甲乙丙丁戊己庚辛")
+    return "".join(chars)
+
+
+def zh_article(seed: int) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.sample(ZH, len(ZH)))
+
+
+def test_chinese_text_gets_character_shingles() -> None:
+    expected = ("我 们", "们 在", "在 北", "北 京", "京 hello", "hello world")
+    assert shingles("我们在北京 hello world", 2) == {s.encode() for s in expected}
+    assert len(shingles(ZH, 5)) > 150  # to \w+ each clause would be one word
+    near = jaccard_estimate(HASHER.signature(ZH), HASHER.signature(zh_edit(ZH, 3, 1)))
+    unrelated = jaccard_estimate(HASHER.signature(ZH), HASHER.signature(zh_article(2)))
+    assert near >= 0.8 > 0.2 > unrelated
+
+
+def corpus(root: Path) -> Path:
+    """English and Chinese documents with planted near duplicates, chains and exact copies."""
+    docs = root / "docs"
+    docs.mkdir(parents=True)
+    texts = {f"en{i:02d}.txt": article(i) for i in range(14)}
+    texts.update({f"zh{i:02d}.txt": zh_article(100 + i) for i in range(8)})
+    texts["zz-en03-near.txt"] = edit(texts["en03.txt"], 2, 1)
+    texts["zz-en03-near-again.txt"] = edit(texts["en03.txt"], 3, 2)
+    texts["zz-en05-far.txt"] = edit(texts["en05.txt"], 60, 3)
+    texts["zz-zh01-near.txt"] = zh_edit(texts["zh01.txt"], 2, 4)
+    texts["zz-zh02-copy.txt"] = texts["zh02.txt"]
+    texts["zz-zh02-copy-near.txt"] = zh_edit(texts["zh02.txt"], 1, 5)
+    for name, text in texts.items():
+        (docs / name).write_text(text + "\n")
+    return docs
+
+
+def prepared_decisions(docs: Path, work: Path, shards: int, exact: bool) -> tuple[dict[str, int], Any]:
+    from jobs.data.buckets import dedup_bucket
+    from jobs.data.merge import deduplicate
+    from jobs.data.pipeline import plan_shards
+    from jobs.data.shard import process_shard, shard_dir
+    from jobs.recipe import parse_recipe
+
+    recipe = parse_recipe({"name": "d", "data": {
+        "sources": [{"path": str(docs)}], "output_dir": str(work / "out"), "num_shards": shards, "workers": 1,
+        "dedup": {"exact": exact, "threshold": 0.7},
+        "filters": {"min_chars": 10, "min_words": 5, "min_alpha_word_fraction": 0.0, "max_top_ngram_fraction": 1.0}},
+        "training": {"max_steps": 2, "warmup_steps": 1}})
+    plan = plan_shards(recipe)
+    for s in range(shards):
+        process_shard(recipe, s, plan.work_dir)
+    for b in range(shards):
+        dedup_bucket(recipe, b, plan.work_dir)
+    deduplicate(recipe, plan.work_dir)
+    out = {}
+    for s in range(shards):
+        meta = json.loads((shard_dir(plan.work_dir, s) / "clean" / "meta.json").read_text())
+        decision = np.load(shard_dir(plan.work_dir, s) / "decision.npy")
+        out.update({doc_id: int(d) for doc_id, d in zip(meta["ids"], decision, strict=True)})
+    return out, (recipe, plan.work_dir)
+
+
+def reference_near(recipe: Any, work: Path) -> set[str]:
+    """near_duplicates (datasketch's LSH index in one process) over every signature of the work directory."""
+    from jobs.data.shard import shard_dir
+
+    rows = []
+    for s in range(recipe.data.num_shards):
+        meta = json.loads((shard_dir(work, s) / "clean" / "meta.json").read_text())
+        sigs = np.load(shard_dir(work, s) / "clean" / "minhash.npy")
+        rows += [(tuple(o), i, sha, sig) for o, i, sha, sig in zip(meta["orders"], meta["ids"], meta["sha"], sigs,
+                                                                    strict=True)]
+    rows.sort(key=lambda r: r[0])
+    if recipe.data.dedup.exact:
+        dropped = exact_duplicates([r[1] for r in rows], [r[2] for r in rows])
+        rows = [r for r in rows if r[1] not in dropped]
+    return set(near_duplicates([r[1] for r in rows], np.stack([r[3] for r in rows]), recipe.data.dedup.threshold))
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_bucketed_near_dedup_matches_the_one_process_reference(tmp_path: Path, exact: bool) -> None:
+    docs = corpus(tmp_path)
+    one, _ = prepared_decisions(docs, tmp_path / "one", 1, exact)
+    three, (recipe, work) = prepared_decisions(docs, tmp_path / "three", 3, exact)
+    assert one == three  # the same decisions whatever the number of shards and buckets
+    near = {doc_id for doc_id, d in three.items() if d == -2}
+    assert near == reference_near(recipe, work)
+    expected = {"s0/zz-en03-near.txt", "s0/zz-en03-near-again.txt", "s0/zz-zh01-near.txt",
+                "s0/zz-zh02-copy-near.txt"}
+    assert near == (expected if exact else expected | {"s0/zz-zh02-copy.txt"})
+    assert three["s0/zz-en05-far.txt"] >= 0

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import datetime
 
-from jobs.data.pii import is_iban, luhn_valid, redact
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jobs.data.pii import is_iban, is_resident_id, luhn_valid, redact, resident_id_check_digit
 from jobs.recipe import PIIConfig
 
 ALL = PIIConfig()
@@ -92,3 +96,92 @@ def test_checksums() -> None:
     assert luhn_valid("4111111111111111") and luhn_valid("79927398713")
     assert not luhn_valid("4111111111111112")
     assert is_iban("DE89370400440532013000") and not is_iban("DE88370400440532013000")
+
+
+# --- mainland China -------------------------------------------------------------------------------------------
+
+
+@st.composite
+def resident_ids(draw: st.DrawFn) -> str:
+    """A well-formed 18-digit resident ID: region, a real birth date, sequence, GB 11643 check digit."""
+    region = draw(st.integers(110000, 829999))
+    born = draw(st.dates(min_value=datetime.date(1900, 1, 1), max_value=datetime.date(2025, 12, 31)))
+    first17 = f"{region}{born:%Y%m%d}{draw(st.integers(0, 999)):03d}"
+    return first17 + resident_id_check_digit(first17)
+
+
+CJK_CONTEXT = st.sampled_from(["身份证号", "证件号码：", "公民身份号码 ", "他的身份证是", ""])
+
+
+@settings(max_examples=200, deadline=None)
+@given(resident_ids(), CJK_CONTEXT, st.sampled_from(["，", "。", " ", "）", ""]))
+def test_valid_resident_ids_are_redacted(rid: str, before: str, after: str) -> None:
+    out, counts = redact(f"{before}{rid}{after}", ALL)
+    assert out == f"{before}<ID_NUMBER>{after}" and counts == {"cn_resident_id": 1}
+
+
+@settings(max_examples=200, deadline=None)
+@given(resident_ids(), st.integers(1, 10))
+def test_a_wrong_check_digit_is_not_a_resident_id(rid: str, shift: int) -> None:
+    wrong = rid[:17] + "0123456789X"[("0123456789X".index(rid[17]) + shift) % 11]
+    assert not is_resident_id(wrong, "")
+    _, counts = redact(f"身份证号{wrong}。", ALL)
+    assert "cn_resident_id" not in counts
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from("3456789"), st.text("0123456789", min_size=9, max_size=9),
+       st.sampled_from(["", "+86 ", "86-", "+86"]), st.booleans(),
+       st.sampled_from(["手机", "电话：", "联系方式 ", "mobile: ", "请拨打", "张三（"]))
+def test_mainland_mobiles_are_redacted(second: str, rest: str, prefix: str, grouped: bool, before: str) -> None:
+    number = f"1{second}{rest}"
+    shown = f"{number[:3]}-{number[3:7]}-{number[7:]}" if grouped else number
+    out, counts = redact(f"{before}{prefix}{shown}，谢谢", ALL)
+    assert out == f"{before}<PHONE>，谢谢" and sum(counts.values()) == 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["010", "021", "0755", "0571"]), st.sampled_from("23456789"),
+       st.text("0123456789", min_size=7, max_size=7), st.sampled_from(["paren", "fullwidth", "dash"]))
+def test_mainland_landlines_are_redacted(area: str, first: str, rest: str, style: str) -> None:
+    local = first + rest
+    shown = {"paren": f"({area}) {local}", "fullwidth": f"（{area}）{local}", "dash": f"{area}-{local}"}[style]
+    out, counts = redact(f"办公电话{shown}。", ALL)
+    assert out == "办公电话<PHONE>。" and counts == {"cn_landline": 1}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 10**12 - 1), st.sampled_from(["622202", "621700", "625911", "622848"]))
+def test_unionpay_cards_with_a_valid_luhn_digit_are_redacted(body: int, bin_: str) -> None:
+    first = f"{bin_}{body:012d}"  # 18 digits, then the Luhn digit: a 19-digit mainland debit card
+    check = next(d for d in "0123456789" if luhn_valid(first + d))
+    out, counts = redact(f"卡号{first}{check}，", ALL)
+    assert out == "卡号<ID_NUMBER>，" and counts == {"id_number": 1}
+    wrong = next(d for d in "0123456789" if not luhn_valid(first + d))
+    assert redact(f"卡号{first}{wrong}，", ALL)[1].get("id_number", 0) == 0
+
+
+def test_a_bare_eleven_digit_number_in_code_is_not_a_mobile() -> None:
+    code = "self.assertEqual(13577625587, f(x))\nlimit = 15000000000\n"
+    assert redact(code, ALL) == (code, {})
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("护照号码E12345678，", "护照号码<ID_NUMBER>，"),
+    ("Passport No. EA1234567", "Passport No. <ID_NUMBER>"),
+    ("护照：G12345678", "护照：<ID_NUMBER>"),
+])
+def test_passports_after_their_word(text: str, expected: str) -> None:
+    assert redact(text, ALL)[0] == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(resident_ids(), st.sampled_from("3456789"), st.text("0123456789", min_size=9, max_size=9),
+       st.sampled_from(["var_", "x", "ID_", "k", "0x", "_"]), st.sampled_from(["_a", "abc", "L", "_1", "x"]))
+def test_no_redaction_inside_code_identifiers(rid: str, second: str, rest: str, head: str, tail: str) -> None:
+    mobile = f"1{second}{rest}"
+    for ident in (f"{head}{rid}{tail}", f"{head}{mobile}{tail}", f"{head}{mobile}", f"{mobile}{tail}",
+                  f"{head}E{rest[:8].ljust(8, '0')}"):
+        code = f"护照 = {ident}\n{ident} = lookup(user.{ident})\n"
+        out, counts = redact(code, ALL)
+        assert out == code, (ident, counts)

@@ -99,8 +99,8 @@ def test_report_counts_every_stage(prepared: Path) -> None:
     report = json.loads((prepared / "report.json").read_text())
     # 21 files + 7 JSONL records + 2 gzipped records in docs/, 5 Parquet rows
     kept = {row["stage"]: row["docs"] for row in report["stages"]}
-    assert kept == {"read": 35, "normalise": 34, "length filter": 32, "quality filter": 31, "pii redaction": 31,
-                    "exact dedup": 28, "near dedup": 27}
+    assert kept == {"read": 35, "normalise": 34, "language": 34, "length filter": 32, "quality filter": 31,
+                    "pii redaction": 31, "exact dedup": 28, "near dedup": 27}
     assert {k: v["docs"] for k, v in report["drop_reasons"].items()} == \
         {"binary": 1, "too_few_chars": 2, "duplicate_lines": 1}
     assert report["pii_redactions"] == {"email": 1, "phone": 1, "ip_address": 1, "id_number": 1}
@@ -141,7 +141,8 @@ def test_blocks_decode_to_the_cleaned_documents(prepared: Path, corpus: tuple[Pa
 
 def test_index_and_manifest(prepared: Path) -> None:
     index = json.loads((prepared / "index.json").read_text())
-    assert index["dtype"] == "uint16" and index["block_size"] == 32 and set(index["splits"]) == {"train", "eval"}
+    assert index["dtype"] == "uint16" and index["block_size"] == 32
+    assert set(index["splits"]) == {"train", "eval", "test"}
     assert index["splits"]["train"][0]["file"] == "train-00000.bin"
     manifest = json.loads((prepared / "manifest.json").read_text())
     assert manifest["fingerprint"] and manifest["privlm_version"] and manifest["created"]
