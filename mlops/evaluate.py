@@ -98,7 +98,15 @@ def evaluate_version(name: str, version: str, data_dir: Path | None = None, max_
 
 
 def _load_for_eval(mv: Any, uri: str | None) -> tuple[Any, Any]:
-    """(model, tokenizer): the transformers flavor, or for a quantized version its plain checkpoint directory."""
+    """(model, tokenizer): the transformers flavor; for a quantized version its plain checkpoint directory;
+    for a LoRA adapter version, its base with the adapter applied (peft)."""
+    adapter_of = mv.tags.get("privlm.adapter_of")
+    if adapter_of:
+        from peft import PeftModel
+
+        base, tokenizer = load_components(f"models:/{adapter_of}", uri)
+        adapter = local_model_dir(f"models:/{mv.name}/{mv.version}", uri)
+        return PeftModel.from_pretrained(base, str(adapter)).eval(), tokenizer
     if "privlm.quantized_from" not in mv.tags:
         return load_components(f"models:/{mv.name}/{mv.version}", uri)
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -116,25 +116,40 @@ def last_retrain(mlflow_client: Any, name: str) -> float | None:
 def retrain(name: str, recipe_path: Path, data_file: Path, overrides: list[str] | None = None,
             executor: str | None = None, console: Any = None, uri: str | None = None,
             as_adapter: bool = True) -> dict[str, Any]:
-    """Fine-tune on the exported answers, register (a LoRA run as an adapter on its base unless
-    `as_adapter` is false), evaluate beside the champion, and make it the challenger if it passes the
-    offline gate. Returns what happened, with the gate's explanation."""
+    """Fine-tune the champion's base model (finetune.base is set to it) on the exported answers, register
+    the result (a LoRA run as an adapter on that base unless `as_adapter` is false), evaluate it beside
+    the champion on the same held-out data, and make it the challenger if it passes the offline gate.
+    Returns what happened, with the gate's explanation."""
     from jobs.data.pipeline import prepare_data
     from jobs.launch.submit import follow, submit_training
     from jobs.recipe import load_recipe
     from mlops.evaluate import evaluate_version
     from mlops.promote import gate, policy_for, promote_challenger
-    from mlops.registry import alias_version, get_version, register_adapter, register_run
+    from mlops.registry import (
+        RegistryError,
+        alias_version,
+        get_version,
+        local_model_dir,
+        register_adapter,
+        register_run,
+    )
     from mlops.tracking import client
 
+    champion = alias_version(name, "champion", uri)
+    base_version = (champion.tags.get("privlm.adapter_of") or f"{name}/{champion.version}").split("/")[-1]
+    base_dir = local_model_dir(f"models:/{name}/{base_version}", uri)
     source = json.dumps([{"path": str(data_file.resolve()), "format": "jsonl"}])
-    recipe = load_recipe(recipe_path, [*(overrides or []), f"data.sources={source}"])
+    recipe = load_recipe(recipe_path, [*(overrides or []), f"data.sources={source}", f"finetune.base={base_dir}"])
+    if recipe.finetune is None:
+        raise RegistryError(f"{recipe_path} has no finetune section; the loop fine-tunes the champion "
+                            "(e.g. recipes/tiny-cpu-lora.yaml)")
     prepare_data(recipe, console=console, progress=console is not None)
     follow(submit_training(recipe, executor), recipe, console)
-    adapter = as_adapter and recipe.finetune is not None and recipe.finetune.method == "lora"
-    reg = (register_adapter if adapter else register_run)(recipe.run_path, name, uri)
+    if as_adapter and recipe.finetune.method == "lora":
+        reg = register_adapter(recipe.run_path, name, uri, base_version=base_version)
+    else:
+        reg = register_run(recipe.run_path, name, uri)
     client(uri).set_registered_model_tag(name, LAST_RETRAIN_TAG, f"{time.time():.3f}")
-    champion = alias_version(name, "champion", uri)
     for version in (champion.version, reg.version):  # like with like: both on the new held-out split
         evaluate_version(name, str(version), data_dir=recipe.data_path, uri=uri)
     challenger, champion = get_version(name, reg.version, uri), get_version(name, champion.version, uri)

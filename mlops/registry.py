@@ -92,15 +92,18 @@ def register_run(run_dir: Path, name: str | None = None, uri: str | None = None)
     return Registered(name=name, version=str(mv.version), run_id=run_id, tags=tags)
 
 
-def register_adapter(run_dir: Path, name: str | None = None, uri: str | None = None) -> Registered:
-    """Register a LoRA run's adapter (`run_dir/adapter`, not merged) as a version served on its base version."""
+def register_adapter(run_dir: Path, name: str | None = None, uri: str | None = None,
+                     base_version: str | None = None) -> Registered:
+    """Register a LoRA run's adapter (`run_dir/adapter`, not merged) as a version served on its base version
+    (`base_version`, or the registered version exported to the run's `finetune.base`)."""
     run_dir = Path(run_dir)
     if not (run_dir / "adapter" / "adapter_config.json").is_file():
         raise RegistryError(f"{run_dir}/adapter holds no LoRA adapter; only `finetune.method: lora` runs have one")
     recipe = load_recipe(run_dir / "recipe.yaml")
     uri = uri or tracking_uri()
     tags = lineage_tags(run_dir)
-    parent = find_version_by_model_dir(client(uri), tags.get("privlm.base_model_dir", ""))
+    parent = (get_version(name, base_version, uri) if name and base_version else
+              find_version_by_model_dir(client(uri), tags.get("privlm.base_model_dir", "")))
     if parent is None:
         raise RegistryError(f"the base model of {run_dir} ({tags.get('privlm.base_model_dir')}) is not registered; "
                             "register the pretraining run first")
