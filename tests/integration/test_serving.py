@@ -438,6 +438,48 @@ def test_feedback_decides_the_ab_test_and_the_promotion(endpoint) -> None:
     assert exported.kept > 0 and "@example.com" not in text and exported.redactions["email"] == exported.kept
 
 
+def test_the_loop_retrains_on_feedback_into_a_challenger(endpoint, small_data, tmp_path, monkeypatch) -> None:
+    """One turn of the loop on CPU, on the feedback of the A/B test above: the rated answers trigger a
+    retraining; they are exported (redacted) and fine-tune a LoRA adapter on the champion's base as a
+    local DeepSpeed job; the adapter is registered on that base, evaluated beside the champion on the
+    same held-out data, passes the offline gate and becomes the challenger."""
+    from mlops.feedback import FeedbackStore
+    from mlops.loop import LAST_RETRAIN_TAG, Trigger, due, export_feedback, last_retrain, retrain
+    from tests.helpers import SMALL, merge, write_recipe
+
+    uri, client_ = endpoint["registered"]["uri"], endpoint["registered"]["client"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the training job tracks there too
+    store = FeedbackStore(STATE["feedback"])
+    assert due(Trigger(feedback_count=50), store, "served", last_retrain(client_, "served")).endswith("(trigger: 50)")
+    exported = export_feedback(store, "served", tmp_path / "feedback.jsonl", min_score=0.5)
+    assert exported.kept >= 40
+    loose = {"min_chars": 5, "min_words": 2, "max_symbol_ratio": 1.0, "min_alpha_word_fraction": 0.0,
+             "max_top_ngram_fraction": 1.0, "max_duplicate_line_fraction": 1.0, "max_mean_word_length": 100}
+    recipe = write_recipe(tmp_path / "loop.yaml", merge(SMALL, {
+        "name": "served-loop", "run_dir": str(tmp_path / "run"),
+        "model": {"hidden_size": 128, "intermediate_size": 256},
+        "tokenizer": {"path": str(small_data / "tokenizer"), "vocab_size": 1024},
+        "data": {"sources": [{"path": "set-by-the-loop.jsonl"}], "output_dir": str(tmp_path / "data"),
+                 "num_shards": 1, "workers": 1, "eval_fraction": 0.2, "filters": loose,
+                 "dedup": {"near": False, "sentences": False}},
+        "training": {"sequence_length": 32, "micro_batch_size": 2, "global_batch_size": 4, "max_steps": 8,
+                     "warmup_steps": 1, "learning_rate": 5e-3, "min_learning_rate": 5e-4},
+        "checkpoint": {"interval": 8, "directory": str(tmp_path / "run" / "checkpoints")},
+        "finetune": {"base": "set-by-the-loop", "method": "lora",
+                     "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        "registry": {"model_name": "served"}}))
+    result = retrain("served", recipe, exported.path, executor="local", uri=uri)
+    assert result["challenger"], result["gate"]
+    new = client_.get_model_version("served", result["version"])
+    assert new.tags["privlm.adapter_of"] == "served/1" and LAST_RETRAIN_TAG in client_.get_registered_model(
+        "served").tags
+    assert client_.get_model_version_by_alias("served", "challenger").version == result["version"]
+    assert new.tags["eval.dataset"] == client_.get_model_version("served", "1").tags["eval.dataset"]
+    client_.set_registered_model_alias("served", "challenger", "2")  # the module's challenger again
+    # Serving it as the challenger (an adapter on the v1 engine) would restart that engine (its adapter
+    # list changes): test_adapter_served_on_its_base_without_merging covers adapters on a base.
+
+
 def test_rollout_to_a_new_champion_fails_no_request(gateway_default) -> None:
     from serving.cli import follow_champion
 
