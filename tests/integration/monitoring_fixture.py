@@ -14,7 +14,8 @@ Interface:
   stopped by its PID file at the end. Ports are free ones picked at start (`stack.ports`); its own
   instance name (`privlm-test-PID`), so it runs beside a developer's `privlm monitor up`.
 - `reconfigure(**extravars)`: rerun the role with more variables (scrape targets, overrides); returns
-  the RunResult. `add_gateway(target, token_file="", ca_file="", scheme="http")` adds the gateway job.
+  the RunResult. `override_rules({"p99_latency": {"for": "10s"}})` merges alert overrides and reruns;
+  `add_gateway(target, token_file="", ca_file="", scheme="http")` adds the gateway job.
 - `prometheus`: mlops.monitor.Prometheus (`query(promql)` -> [(labels, float)], `value(promql)` ->
   float | None, `targets()`, `alerts()`); `prometheus_url`, `alertmanager_url`.
 - `wait_for_target(job, timeout)`: until a target of that job is up.
@@ -165,24 +166,38 @@ class MonitoringStack:
             raise RuntimeError(f"monitoring playbook failed: {result.output[-4000:]}")
         return result
 
+    def override_rules(self, overrides: dict[str, Any]) -> RunResult:
+        """Merge alert overrides ({alert: {threshold, for, severity}}) into the stack's, rerun the role."""
+        merged = {k: dict(v) for k, v in self.vars["monitoring_alert_overrides"].items()}
+        for name, values in overrides.items():
+            merged.setdefault(name, {}).update(values)
+        return self.reconfigure(monitoring_alert_overrides=merged)
+
     def add_gateway(self, target: str, token_file: str = "", ca_file: str = "", scheme: str = "http") -> RunResult:
         """Scrape the gateway's /metrics at host:port (job `privlm-gateway`), with a bearer token file and a CA."""
         return self.reconfigure(monitoring_gateway_targets=[target], monitoring_gateway_token_file=str(token_file),
                                 monitoring_gateway_ca_file=str(ca_file), monitoring_gateway_scheme=scheme)
 
     def stop(self) -> RunResult | None:
-        """Stop every daemon (the role with state stopped, then any PID file left), the capture servers."""
+        """Stop every daemon (the role with state stopped, then any PID file left), the capture servers.
+
+        Raises when a daemon of the stack outlived the role's stop (the role must stop what it started)."""
         result = None
+        left: list[str] = []
         try:
             result = configure(PLAYBOOKS / "inventories" / "local", "monitoring.yml", quiet=True,
                                extravars={**self.vars, "monitoring_state": "stopped"})
         finally:
             for pidfile in Path(f"/run/privlm-monitoring/{self.instance}").glob("*.pid"):
-                subprocess.run([DAEMON, "stop", str(pidfile)], capture_output=True, timeout=30)
+                if subprocess.run([DAEMON, "stop", str(pidfile)], capture_output=True, text=True,
+                                  timeout=30).stdout.startswith("stopped"):
+                    left.append(pidfile.name)
             for server in self._servers:
                 server.shutdown()
             if self._smtp is not None:
                 self._smtp.stop()
+        if left or result is None or not result.ok:
+            raise RuntimeError(f"the role's stop left {left} running: {result.output[-2000:] if result else ''}")
         return result
 
     def __enter__(self) -> MonitoringStack:
