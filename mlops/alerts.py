@@ -129,7 +129,8 @@ def format_slack(payload: dict[str, Any]) -> dict[str, Any]:
 
 def format_dingtalk(payload: dict[str, Any]) -> dict[str, Any]:
     """DingTalk robot JSON with msgtype markdown."""
-    items = "\n".join(f"- **{t}**" + (f"  \n  {d}" if d else "") for t, d in map(_alert_line, payload.get("alerts", [])))
+    items = "\n".join(f"- **{t}**" + (f"  \n  {d}" if d else "")
+                      for t, d in map(_alert_line, payload.get("alerts", [])))
     return {"msgtype": "markdown", "markdown": {"title": headline(payload),
                                                 "text": f"### {headline(payload)}\n\n{items}"}}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import os
 import re
@@ -27,11 +28,15 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 FINAL_EVENTS = {"finished", "stopped"}
+# DCGM exporter's names for what GpuCollector exports.
+GPU_METRICS = {"util": "DCGM_FI_DEV_GPU_UTIL", "temp": "DCGM_FI_DEV_GPU_TEMP", "used": "DCGM_FI_DEV_FB_USED",
+               "free": "DCGM_FI_DEV_FB_FREE", "power": "DCGM_FI_DEV_POWER_USAGE"}
 
 
 @dataclass
@@ -79,7 +84,7 @@ def read_run(run_dir: Path, checkpoint_dir: str = "checkpoints") -> RunState:
             previous = rec
     # The interval between checkpoints as this attempt has seen it (start, then each checkpoint).
     marks = ([state.started] if state.started else []) + state.checkpoint_times
-    gaps = [b - a for a, b in zip(marks, marks[1:], strict=False) if b > a]
+    gaps = [b - a for a, b in itertools.pairwise(marks) if b > a]
     state.checkpoint_interval_s = statistics.median(gaps) if gaps else None
     latest = run_dir / checkpoint_dir / "latest"
     if latest.is_file():
@@ -196,7 +201,7 @@ class SlurmCollector(Collector):
 class HealthCollector(Collector):
     """Runs the node health check at most every `min_interval` seconds; its status and checks."""
 
-    LEVEL = {"ok": 0, "degraded": 1, "fail": 2}
+    LEVEL: ClassVar[dict[str, int]] = {"ok": 0, "degraded": 1, "fail": 2}
 
     def __init__(self, program: str, min_interval: float = 30) -> None:
         self.program, self.min_interval = program, min_interval
@@ -238,13 +243,10 @@ class GpuCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         nv = self.nvml
         labels = ["gpu", "UUID", "modelName", "Hostname"]
-        fams = {
-            "util": GaugeMetricFamily("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", labels=labels),
-            "temp": GaugeMetricFamily("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", labels=labels),
-            "used": GaugeMetricFamily("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", labels=labels),
-            "free": GaugeMetricFamily("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).", labels=labels),
-            "power": GaugeMetricFamily("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", labels=labels),
-        }
+        helps = {"util": "GPU utilization (in %).", "temp": "GPU temperature (in C).",
+                 "used": "Framebuffer memory used (in MiB).", "free": "Framebuffer memory free (in MiB).",
+                 "power": "Power draw (in W)."}
+        fams = {k: GaugeMetricFamily(GPU_METRICS[k], h, labels=labels) for k, h in helps.items()}
         for i in range(nv.nvmlDeviceGetCount()):
             h = nv.nvmlDeviceGetHandleByIndex(i)
             name = nv.nvmlDeviceGetName(h)

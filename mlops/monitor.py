@@ -160,6 +160,10 @@ class Prometheus:
                  "health": t["health"], "error": t.get("lastError", "")}
                 for t in self._get("/api/v1/targets", state="active")["activeTargets"]]
 
+    def metric_names(self) -> list[str]:
+        """Every metric name Prometheus holds series of."""
+        return self._get("/api/v1/label/__name__/values")
+
     def alerts(self) -> list[dict[str, Any]]:
         """Pending and firing alerts with labels and annotations."""
         return self._get("/api/v1/alerts")["alerts"]

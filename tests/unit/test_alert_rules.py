@@ -65,7 +65,8 @@ def test_overrides_change_threshold_duration_and_severity(promtool: str, tmp_pat
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"p99_latency": {"threshold": "fast"}}, "monitoring_alert_overrides.p99_latency.threshold='fast': must be a number"),
+    ({"p99_latency": {"threshold": "fast"}},
+     "monitoring_alert_overrides.p99_latency.threshold='fast': must be a number"),
     ({"gpu_underutilised": {"threshold": 130}}, "gpu_underutilised.threshold=130: must be a number from 0 to 100"),
     ({"p99_latency": {"for": "5 minutes"}}, "p99_latency.for='5 minutes': not a Prometheus duration; write e.g. 30s"),
     ({"p99_latncy": {"for": "5m"}}, "unknown alert 'p99_latncy'; use one of checkpoint_stale"),
