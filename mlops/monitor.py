@@ -157,11 +157,11 @@ class Prometheus:
     def targets(self) -> list[dict[str, Any]]:
         """Active scrape targets: job, instance, health (up/down/unknown), last error."""
         return [{"job": t["labels"].get("job", ""), "instance": t["labels"].get("instance", ""),
-                 "health": t["health"], "error": t.get("lastError", "")}
+                 "health": t["health"], "error": t.get("lastError", ""), "url": t.get("scrapeUrl", "")}
                 for t in self._get("/api/v1/targets", state="active")["activeTargets"]]
 
     def metric_names(self) -> list[str]:
-        """Every metric name Prometheus holds series of."""
+        """Every metric name Prometheus holds series of (a family without samples has none)."""
         return self._get("/api/v1/label/__name__/values")
 
     def alerts(self) -> list[dict[str, Any]]:
@@ -211,12 +211,18 @@ def promql_metric_names(expr: str) -> set[str]:
     return names
 
 
+def exposed_metric_names(metrics_text: str) -> set[str]:
+    """Names a /metrics page (Prometheus text format) declares or has samples of, with or without samples."""
+    names = set(re.findall(r"^# TYPE (\S+)", metrics_text, re.MULTILINE))
+    return names | set(re.findall(r"^([A-Za-z_:][A-Za-z0-9_:]*)[{ ]", metrics_text, re.MULTILINE))
+
+
 # ---- the CLI --------------------------------------------------------------------------------------------------
 
 def _fail(message: str) -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
+    Console(stderr=True).print(f"error: {message}", style="red", highlight=False, markup=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

@@ -29,6 +29,7 @@ Interface:
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import threading
@@ -198,6 +199,8 @@ class MonitoringStack:
                 self._smtp.stop()
         if left or result is None or not result.ok:
             raise RuntimeError(f"the role's stop left {left} running: {result.output[-2000:] if result else ''}")
+        for kind in ("etc", "var/lib", "var/log", "run"):  # this instance's configuration, data, logs, PIDs
+            shutil.rmtree(f"/{kind}/privlm-monitoring/{self.instance}", ignore_errors=True)
         return result
 
     def __enter__(self) -> MonitoringStack:
