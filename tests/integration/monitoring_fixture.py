@@ -10,8 +10,9 @@ Interface:
   run directories the jobs exporter reads (`stack.runs_dir`), the capture servers and the receiver's
   config. `rule_overrides` is `monitoring_alert_overrides` ({alert: {threshold, for, severity}}; names
   in roles/monitoring/defaults/main.yml). `extra_scrape_configs`: Prometheus scrape_configs entries.
-- `start()` / `stop()` (or `with`): the role with monitoring_state started / stopped; every daemon is
-  stopped by its PID file at the end. Ports are free ones picked at start (`stack.ports`); its own
+- `start()` / `stop()` (or `with`): `privlm monitor up` / `down` on `stack.inventory` (inventories/local
+  with the stack's variables in group_vars; `first_output` is up's output); any daemon left is stopped
+  by its PID file and stop() then raises. Ports are free ones picked at start (`stack.ports`); its own
   instance name (`privlm-test-PID`), so it runs beside a developer's `privlm monitor up`.
 - `reconfigure(**extravars)`: rerun the role with more variables (scrape targets, overrides); returns
   the RunResult. `override_rules({"p99_latency": {"for": "10s"}})` merges alert overrides and reruns;
@@ -29,9 +30,11 @@ Interface:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +42,8 @@ from email import message_from_bytes
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from infra.cluster import PLAYBOOKS, RunResult, configure
 from mlops.monitor import Prometheus
@@ -120,7 +125,8 @@ class MonitoringStack:
         self.prometheus_url = f"http://127.0.0.1:{self.ports['prometheus']}"
         self.alertmanager_url = f"http://127.0.0.1:{self.ports['alertmanager']}"
         self.prometheus = Prometheus(self.prometheus_url)
-        self.first_run: RunResult | None = None
+        self.inventory = self.root / "inventory"
+        self.first_output = ""
 
     # ---- receivers ---------------------------------------------------------------------------------------------
     def _start_receivers(self) -> list[dict[str, Any]]:
@@ -152,16 +158,36 @@ class MonitoringStack:
     def start(self) -> MonitoringStack:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.vars["monitoring_receivers"] = self._start_receivers()
-        self.first_run = self.reconfigure()
+        self.first_output = self._cli("up")
         self.vars["common_applied"] = True  # the base role ran once; later runs touch only the monitoring role
         if not wait_until(lambda: self.prometheus.targets(), 30):
             raise RuntimeError(f"Prometheus at {self.prometheus_url} did not answer:\n{self.logs()}")
         return self
 
+    def write_inventory(self) -> Path:
+        """inventories/local with this stack's variables in its group_vars: what `privlm monitor` reads."""
+        local = PLAYBOOKS / "inventories" / "local"
+        (self.inventory / "group_vars").mkdir(parents=True, exist_ok=True)
+        shutil.copy(local / "hosts.yml", self.inventory / "hosts.yml")
+        group_vars = {**yaml.safe_load((local / "group_vars" / "all.yml").read_text()), **self.vars}
+        (self.inventory / "group_vars" / "all.yml").write_text(yaml.safe_dump(group_vars))
+        return self.inventory
+
+    def _cli(self, command: str) -> str:
+        """`privlm monitor COMMAND --inventory` on this stack's inventory; its output (raises when it fails)."""
+        self.write_inventory()
+        proc = subprocess.run([sys.executable, "-m", "privlm.cli", "monitor", command, "--inventory",
+                               str(self.inventory)], capture_output=True, text=True, timeout=600,
+                              cwd=PLAYBOOKS.parent, env={**os.environ, "PYTHONPATH": str(PLAYBOOKS.parent)})
+        if proc.returncode != 0:
+            raise RuntimeError(f"privlm monitor {command} exited {proc.returncode}: {proc.stdout[-4000:]}"
+                               f"{proc.stderr[-2000:]}")
+        return proc.stdout
+
     def reconfigure(self, **extravars: Any) -> RunResult:
         """Rerun the role (state started) with these variables added to the stack's; raises when it fails."""
         self.vars.update(extravars)
-        result = configure(PLAYBOOKS / "inventories" / "local", "monitoring.yml", quiet=True,
+        result = configure(self.write_inventory(), "monitoring.yml", quiet=True,
                            extravars={**self.vars, "monitoring_state": "started"})
         if not result.ok:
             raise RuntimeError(f"monitoring playbook failed: {result.output[-4000:]}")
@@ -179,15 +205,14 @@ class MonitoringStack:
         return self.reconfigure(monitoring_gateway_targets=[target], monitoring_gateway_token_file=str(token_file),
                                 monitoring_gateway_ca_file=str(ca_file), monitoring_gateway_scheme=scheme)
 
-    def stop(self) -> RunResult | None:
-        """Stop every daemon (the role with state stopped, then any PID file left), the capture servers.
+    def stop(self) -> str:
+        """`privlm monitor down`, then any PID file left is stopped; the capture servers; this instance's files.
 
-        Raises when a daemon of the stack outlived the role's stop (the role must stop what it started)."""
-        result = None
+        Raises when a daemon of the stack outlived `down` (the role must stop what it started)."""
+        output: str | None = None
         left: list[str] = []
         try:
-            result = configure(PLAYBOOKS / "inventories" / "local", "monitoring.yml", quiet=True,
-                               extravars={**self.vars, "monitoring_state": "stopped"})
+            output = self._cli("down")
         finally:
             for pidfile in Path(f"/run/privlm-monitoring/{self.instance}").glob("*.pid"):
                 if subprocess.run([DAEMON, "stop", str(pidfile)], capture_output=True, text=True,
@@ -197,11 +222,11 @@ class MonitoringStack:
                 server.shutdown()
             if self._smtp is not None:
                 self._smtp.stop()
-        if left or result is None or not result.ok:
-            raise RuntimeError(f"the role's stop left {left} running: {result.output[-2000:] if result else ''}")
+        if left or output is None:
+            raise RuntimeError(f"`privlm monitor down` left {left} running: {output}")
         for kind in ("etc", "var/lib", "var/log", "run"):  # this instance's configuration, data, logs, PIDs
             shutil.rmtree(f"/{kind}/privlm-monitoring/{self.instance}", ignore_errors=True)
-        return result
+        return output
 
     def __enter__(self) -> MonitoringStack:
         return self.start()

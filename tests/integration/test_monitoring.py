@@ -51,7 +51,7 @@ def test_the_role_starts_every_daemon_and_prometheus_scrapes_them(monitoring_sta
         stack.prometheus.targets()
     assert stack.prometheus.value('up{job="node"}') == 1.0
     assert stack.prometheus.value("privlm_slurm_up") in (0.0, 1.0)  # Slurm may not run in this session
-    assert "GPU telemetry skipped on localhost: no NVIDIA GPU on the PCI bus" in stack.first_run.output
+    assert "GPU telemetry skipped on localhost: no NVIDIA GPU on the PCI bus" in stack.first_output
     assert all(p.startswith("127.0.0.1:") for p in (t["instance"] for t in stack.prometheus.targets()))
 
 
@@ -140,7 +140,7 @@ def test_a_drift_alert_posted_to_alertmanager_reaches_the_receivers(monitoring_s
 def test_monitor_status_shows_targets_and_firing_alerts(monitoring_stack: MonitoringStack) -> None:
     assert wait_until(lambda: any(a["state"] == "firing" for a in monitoring_stack.prometheus.alerts()), 60)
     wide = {**run_env(), "COLUMNS": "220"}
-    out = privlm("monitor", "status", "--prometheus", monitoring_stack.prometheus_url, env=wide, check=False)
+    out = privlm("monitor", "status", "--inventory", str(monitoring_stack.write_inventory()), env=wide, check=False)
     assert out.returncode in (0, 1), out.stderr
     assert "privlm-jobs" in out.stdout and "127.0.0.1" in out.stdout and "up" in out.stdout
     assert "PrivlmCheckpointStale" in out.stdout and "firing" in out.stdout
