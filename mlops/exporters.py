@@ -174,7 +174,7 @@ class SlurmCollector(Collector):
         gpus = GaugeMetricFamily("privlm_slurm_node_gpus_allocated", "GPUs allocated to jobs on a node",
                                  labels=["node"])
         squeue = run_command(["squeue", "-h", "-a", "-o", "%T|%P"])
-        sinfo = run_command(["sinfo", "-h", "-N", "-O", "NodeList:|,StateLong:|,GresUsed:|,Reason:"])
+        sinfo = run_command(["sinfo", "-h", "-N", "-O", "NodeList:256|,StateLong:64|,GresUsed:256|,Reason:512"])
         up.add_metric([], float(squeue is not None and sinfo is not None))
         counts: dict[tuple[str, str], int] = {}
         for line in (squeue or "").splitlines():
@@ -214,7 +214,7 @@ class HealthCollector(Collector):
             proc = subprocess.run([self.program], capture_output=True, text=True, timeout=60)
             rc, checks = proc.returncode, json.loads(proc.stdout).get("checks", [])
         except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError):
-            rc, checks = -1, []
+            return -1, []  # not cached: the program may be installed any moment (node_health role)
         self._cached = (time.monotonic(), rc, checks)
         return rc, checks
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from mlops.exporters import GPU_METRICS
 from mlops.monitor import dashboard_metric_names, exposed_metric_names
 from tests.helpers import privlm, run_env
 from tests.integration.monitoring_fixture import MonitoringStack, wait_until
+from tests.integration.slurm_fixture import SlurmCluster
 
 pytestmark = pytest.mark.integration
 OWN_JOBS = {"prometheus", "alertmanager", "node", "privlm-health", "privlm-jobs", "privlm-slurm"}
@@ -167,6 +169,24 @@ def test_dashboards_reference_only_names_the_stack_exposes(monitoring_stack: Mon
     assert names - live - set(GPU_METRICS.values()) == set()
     assert {"privlm_slurm_node_drained", "privlm_train_checkpoint_age_seconds", "ALERTS"} <= names
     assert served_elsewhere >= {"privlm_requests_total", "privlm_request_latency_seconds_bucket"}
+
+
+def test_slurm_and_node_health_exporters_report_the_local_cluster(monitoring_stack: MonitoringStack,
+                                                                 slurm_cluster: SlurmCluster) -> None:
+    prom = monitoring_stack.prometheus
+    assert wait_until(lambda: prom.value("privlm_slurm_up") == 1.0, 30)
+    assert wait_until(lambda: prom.value('privlm_slurm_node_state{node="localnode",state="idle"}') == 1.0, 30)
+    assert prom.value("privlm_slurm_queue_pending") == 0.0
+    health = subprocess.run(["/usr/local/sbin/privlm-node-health"], capture_output=True).returncode
+    assert wait_until(lambda: prom.value('privlm_node_health_status{node="localnode"}') == health, 30)
+    try:
+        slurm_cluster.run("scontrol", "update", "nodename=localnode", "state=drain", "reason=monitoring test",
+                          check=True)
+        assert wait_until(lambda: prom.value('privlm_slurm_node_drained{node="localnode",reason="monitoring test"}')
+                          == 1.0, 30), prom.query("privlm_slurm_node_drained")
+    finally:
+        slurm_cluster.run("scontrol", "update", "nodename=localnode", "state=resume")
+    assert wait_until(lambda: slurm_cluster.node_states() == {"localnode": "idle"}, 30)
 
 
 def test_monitor_up_refuses_a_bad_threshold_before_running_anything(tmp_path: Path) -> None:
