@@ -234,10 +234,16 @@ class GpuCollector(Collector):
     """Per-GPU telemetry through NVML, named as DCGM exporter names it (DCGM_FI_DEV_*)."""
 
     def __init__(self) -> None:
-        import pynvml
+        try:
+            import pynvml
 
+            pynvml.nvmlInit()
+        except ImportError as exc:
+            raise SystemExit("gpu exporter: nvidia-ml-py is not installed: pip install 'nvidia-ml-py>=12,<14'") from exc
+        except pynvml.NVMLError as exc:
+            raise SystemExit(f"gpu exporter: NVML does not answer ({exc}); is the NVIDIA driver loaded? "
+                             "(nvidia-smi must work)") from exc
         self.nvml = pynvml
-        pynvml.nvmlInit()
         self.hostname = os.uname().nodename
 
     def collect(self) -> Iterator[Metric]:
