@@ -10,8 +10,9 @@ gpu     GPU utilisation, temperature, memory and power through nvidia-ml-py, und
         metric names so alert rules and dashboards read either (used where NVIDIA's DCGM exporter
         package is not available).
 
-Each is a prometheus_client custom collector: values are read at scrape time, nothing runs between
-scrapes. Only the standard library and prometheus_client are imported (nvidia-ml-py lazily).
+Each is a prometheus_client custom collector: jobs and gpu read at scrape time; slurm and health
+sample in a background thread (their commands may hang) and a scrape serves the latest sample.
+Only the standard library and prometheus_client are imported (nvidia-ml-py lazily).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -160,10 +161,43 @@ def gpus_in_gres(gres: str) -> int:
     return total
 
 
-class SlurmCollector(Collector):
-    """Queue and node state from `squeue` and `sinfo` (SLURM_CONF in the environment picks the cluster)."""
+class SampledCollector(Collector):
+    """A collector whose reading is slow or may hang (a Slurm controller that is down, a stuck nvidia-smi):
+    a background thread takes a sample every `interval` seconds and a scrape serves the latest one, so
+    scrapes stay fast and a hung command shows as a stale sample, not as a failed scrape."""
+
+    def __init__(self, interval: float) -> None:
+        import threading
+
+        self.interval = interval
+        self._latest: Any = None
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            self._latest = self.sample()
+            time.sleep(max(self.interval - (time.monotonic() - started), 0.1))
+
+    def sample(self) -> Any:
+        raise NotImplementedError
 
     def collect(self) -> Iterator[Metric]:
+        yield from self.families(self._latest)
+
+    def families(self, sample: Any) -> Iterator[Metric]:
+        raise NotImplementedError
+
+
+class SlurmCollector(SampledCollector):
+    """Queue and node state from `squeue` and `sinfo` (SLURM_CONF in the environment picks the cluster)."""
+
+    def sample(self) -> tuple[str | None, str | None]:
+        return (run_command(["squeue", "-h", "-a", "-o", "%T|%P"]),
+                run_command(["sinfo", "-h", "-N", "-O", "NodeList:256|,StateLong:64|,GresUsed:256|,Reason:512"]))
+
+    def families(self, sample: tuple[str | None, str | None] | None) -> Iterator[Metric]:
+        squeue, sinfo = sample or (None, None)
         up = GaugeMetricFamily("privlm_slurm_up", "1 when squeue and sinfo answered")
         jobs = GaugeMetricFamily("privlm_slurm_jobs", "Jobs by state and partition", labels=["state", "partition"])
         pending = GaugeMetricFamily("privlm_slurm_queue_pending", "Jobs waiting in the queue")
@@ -173,8 +207,6 @@ class SlurmCollector(Collector):
                                     labels=["node", "reason"])
         gpus = GaugeMetricFamily("privlm_slurm_node_gpus_allocated", "GPUs allocated to jobs on a node",
                                  labels=["node"])
-        squeue = run_command(["squeue", "-h", "-a", "-o", "%T|%P"])
-        sinfo = run_command(["sinfo", "-h", "-N", "-O", "NodeList:256|,StateLong:64|,GresUsed:256|,Reason:512"])
         up.add_metric([], float(squeue is not None and sinfo is not None))
         counts: dict[tuple[str, str], int] = {}
         for line in (squeue or "").splitlines():
@@ -182,7 +214,8 @@ class SlurmCollector(Collector):
             counts[state.lower(), partition] = counts.get((state.lower(), partition), 0) + 1
         for (state, partition), n in sorted(counts.items()):
             jobs.add_metric([state, partition], n)
-        pending.add_metric([], sum(n for (state, _), n in counts.items() if state == "pending"))
+        if squeue is not None:
+            pending.add_metric([], sum(n for (state, _), n in counts.items() if state == "pending"))
         seen: set[str] = set()
         for line in (sinfo or "").splitlines():
             parts = [p.strip() for p in line.split("|")]
@@ -198,28 +231,24 @@ class SlurmCollector(Collector):
         yield from (up, jobs, pending, nodes, drained, gpus)
 
 
-class HealthCollector(Collector):
-    """Runs the node health check at most every `min_interval` seconds; its status and checks."""
+class HealthCollector(SampledCollector):
+    """privlm-node-health every `interval` seconds: its exit status and each check."""
 
     LEVEL: ClassVar[dict[str, int]] = {"ok": 0, "degraded": 1, "fail": 2}
 
-    def __init__(self, program: str, min_interval: float = 30) -> None:
-        self.program, self.min_interval = program, min_interval
-        self._cached: tuple[float, int, list[dict]] | None = None
+    def __init__(self, program: str, interval: float = 30) -> None:
+        self.program = program
+        super().__init__(interval)
 
-    def _check(self) -> tuple[int, list[dict]]:
-        if self._cached and time.monotonic() - self._cached[0] < self.min_interval:
-            return self._cached[1], self._cached[2]
+    def sample(self) -> tuple[int, list[dict]]:
         try:
-            proc = subprocess.run([self.program], capture_output=True, text=True, timeout=60)
-            rc, checks = proc.returncode, json.loads(proc.stdout).get("checks", [])
+            proc = subprocess.run([self.program], capture_output=True, text=True, timeout=120)
+            return proc.returncode, json.loads(proc.stdout).get("checks", [])
         except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError):
-            return -1, []  # not cached: the program may be installed any moment (node_health role)
-        self._cached = (time.monotonic(), rc, checks)
-        return rc, checks
+            return -1, []
 
-    def collect(self) -> Iterator[Metric]:
-        rc, checks = self._check()
+    def families(self, sample: tuple[int, list[dict]] | None) -> Iterator[Metric]:
+        rc, checks = sample or (-1, [])
         status = GaugeMetricFamily("privlm_node_health_status",
                                    "Exit status of privlm-node-health: 0 healthy, 1 degraded, 2 unusable, -1 not run")
         status.add_metric([], rc)
@@ -272,9 +301,9 @@ def make_collector(kind: str, args: argparse.Namespace) -> Collector:
     if kind == "jobs":
         return JobsCollector(args.runs, args.checkpoint_dir)
     if kind == "slurm":
-        return SlurmCollector()
+        return SlurmCollector(args.interval)
     if kind == "health":
-        return HealthCollector(args.program, args.min_interval)
+        return HealthCollector(args.program, args.interval)
     return GpuCollector()
 
 
@@ -299,8 +328,10 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--runs", action="append", default=[], help="glob of run directories (jobs; repeatable)")
     parser.add_argument("--checkpoint-dir", default="checkpoints", help="checkpoint folder inside a run (jobs)")
     parser.add_argument("--program", default="/usr/local/sbin/privlm-node-health", help="health check (health)")
-    parser.add_argument("--min-interval", type=float, default=30, help="seconds between health checks (health)")
+    parser.add_argument("--interval", type=float, default=None,
+                        help="seconds between samples (slurm: 5, health: 30)")
     args = parser.parse_args(list(argv) if argv is not None else None)
+    args.interval = args.interval or {"slurm": 5.0, "health": 30.0}.get(args.kind, 0.0)
     if args.kind == "jobs" and not args.runs:
         parser.error("jobs needs --runs GLOB (e.g. --runs '/shared/runs/*')")
     serve(make_collector(args.kind, args), args.address, args.port)

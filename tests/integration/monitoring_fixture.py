@@ -114,7 +114,7 @@ class MonitoringStack:
             **{f"monitoring_{name}_port": port for name, port in self.ports.items()},
             "monitoring_scrape_interval": "1s", "monitoring_evaluation_interval": "1s",
             "monitoring_group_wait": "1s", "monitoring_group_interval": "1s", "monitoring_repeat_interval": "1h",
-            "monitoring_retention_time": "1d",
+            "monitoring_retention_time": "1d", "monitoring_health_interval": 2,
             "monitoring_user": "root", "monitoring_exporter_user": "root",  # test files live in private tmp dirs
             "monitoring_run_globs": [str(self.runs_dir / "*")],
             "monitoring_ray_sd_file": str(self.root / "ray_sd.json"),
