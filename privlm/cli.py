@@ -12,6 +12,7 @@ from cost.cli import cost_app, plan_command
 from infra.cli import cluster_app, infra_app
 from jobs.cli import data_app, jobs_app, train_app
 from mlops.cli import model_app
+from mlops.monitor import monitor_app
 from serving.cli import serve_app
 
 app = typer.Typer(
@@ -26,6 +27,7 @@ app.add_typer(cluster_app, name="cluster")
 app.add_typer(infra_app, name="infra")
 app.add_typer(model_app, name="model")
 app.add_typer(serve_app, name="serve")
+app.add_typer(monitor_app, name="monitor")
 app.add_typer(cost_app, name="cost")
 app.command("plan")(plan_command)
 

@@ -4,6 +4,8 @@ set -euo pipefail
 packages=(procps chromium fonts-dejavu-core)  # chromium renders the HTML cost report headless in the tests
 # python3-apt: Ansible's apt module needs it (also in --check runs); the playbook installs Slurm, munge and MariaDB
 packages+=(python3-apt)
+# prometheus: promtool for the alert-rule unit tests (the monitoring role installs the rest of the stack)
+packages+=(prometheus)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.integration.monitoring_fixture import MonitoringStack
 from tests.integration.slurm_fixture import SlurmCluster
 
 
@@ -49,3 +50,18 @@ def slurm_cluster_2node() -> Iterator[SlurmCluster]:
     Brought up with slurm.yml: site.yml's hardware roles are tested on the one-node cluster.
     """
     yield from _bring_up("local-2node", "slurm.yml")
+
+
+@pytest.fixture(scope="session")
+def monitoring_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MonitoringStack]:
+    """Prometheus, Alertmanager, the exporters and our receiver on 127.0.0.1, started by the monitoring role.
+
+    A `MonitoringStack` (tests/integration/monitoring_fixture.py, whose docstring lists the interface):
+    scrape every second, alerts grouped after 1 s, PrivlmCheckpointStale after 1 s. Add the gateway
+    with `add_gateway(target, token_file, ca_file, scheme)`, shorten a rule with `override_rules(...)`,
+    wait for a delivered alert with `wait_for_alert(name)`, query with `prometheus.value(promql)`.
+    Stopped at the end of the session by the role (state stopped); every daemon by its PID file.
+    """
+    with MonitoringStack(tmp_path_factory.mktemp("monitoring"),
+                         rule_overrides={"checkpoint_stale": {"for": "1s"}}) as stack:
+        yield stack

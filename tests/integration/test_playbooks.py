@@ -138,8 +138,9 @@ def test_ansible_lint_production_profile_and_syntax_check() -> None:
     assert lint.returncode == 0, lint.stdout[-3000:] + lint.stderr[-3000:]
     assert "Profile 'production' was required, and it passed" in lint.stdout + lint.stderr
     runs = [("example", p.name) for p in sorted(PLAYBOOKS.glob("*.yml"))] + [("local", "site.yml"),
-                                                                            ("local-2node", "slurm.yml")]
-    assert {p for _, p in runs} == {"site.yml", "slurm.yml", "validate.yml"}
+                                                                            ("local-2node", "slurm.yml"),
+                                                                            ("local", "monitoring.yml")]
+    assert {p for _, p in runs} == {"site.yml", "slurm.yml", "validate.yml", "monitoring.yml"}
     for inventory, playbook in runs:
         check = subprocess.run([str(VENV_BIN / "ansible-playbook"), "--syntax-check", "-i",
                                 f"inventories/{inventory}/hosts.yml", playbook], capture_output=True, text=True,
