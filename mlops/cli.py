@@ -263,7 +263,8 @@ def drift_cmd(name: str,
     from rich.console import Console
     from rich.table import Table
 
-    from mlops.drift import Prometheus, alert, measure
+    from mlops.drift import alert, measure
+    from mlops.monitor import Prometheus
     from mlops.promote import drift_policy_for
     from mlops.registry import RegistryError, alias_version, get_version
 
@@ -274,7 +275,7 @@ def drift_cmd(name: str,
         report = measure(Prometheus(prometheus), mv, policy, capture_reference)
         if report.drifted and alertmanager:
             alert(alertmanager, report)
-    except RegistryError as exc:
+    except (RegistryError, ConnectionError, ValueError) as exc:
         _fail(exc)
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=1))
@@ -325,7 +326,8 @@ def loop_cmd(name: str,
             console.print(f"{name}: challenger stays: {exc}")
         drifted = False
         if on_drift:
-            from mlops.drift import Prometheus, measure
+            from mlops.drift import measure
+            from mlops.monitor import Prometheus
             from mlops.promote import drift_policy_for
 
             champion = alias_version(name, "champion")
@@ -343,7 +345,7 @@ def loop_cmd(name: str,
         if exported.kept == 0:
             _fail(RegistryError(f"no answer rated >= {min_score} to train on"))
         result = retrain(name, recipe, out, set_, executor, console)
-    except (RegistryError, FeedbackError) as exc:
+    except (RegistryError, FeedbackError, ConnectionError, ValueError) as exc:
         _fail(exc)
     console.print(f"{name}: v{result['version']} {'is the challenger' if result['challenger'] else 'failed the gate'}"
                   f": {result['gate']}")

@@ -21,9 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
 from jobs.recipe import DriftPolicy
+from mlops.monitor import Prometheus
 from mlops.registry import RegistryError
 
 REFERENCE_TAG = "privlm.drift.reference"
@@ -45,32 +44,13 @@ def _queries(version: str, window: str) -> dict[str, str]:
     }
 
 
-class Prometheus:
-    """Instant queries against Prometheus' HTTP API."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
-
-    def query(self, promql: str, at: float | None = None) -> list[dict[str, Any]]:
-        params = {"query": promql, **({"time": f"{at:.3f}"} if at is not None else {})}
-        try:
-            r = httpx.get(f"{self.url}/api/v1/query", params=params, timeout=30)
-        except httpx.HTTPError as exc:
-            raise RegistryError(f"Prometheus at {self.url} is unreachable ({exc}); start it with `privlm monitor up` "
-                                "or pass --prometheus URL") from None
-        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-        if r.status_code != 200 or body.get("status") != "success":
-            raise RegistryError(f"Prometheus at {self.url} refused {promql!r}: {body.get('error', r.text[:200])}")
-        return body["data"]["result"]
-
-
 def distributions(prom: Prometheus, version: str, window: str, at: float | None = None) -> dict[str, dict[str, float]]:
     """Counts per bin of each measure over the window ending at `at` (default now)."""
     queries = _queries(version, window)
-    out = {measure: {r["metric"].get(key, ""): float(r["value"][1]) for r in prom.query(queries[measure], at)}
+    out = {measure: {labels.get(key, ""): value for labels, value in prom.query(queries[measure], at)}
            for measure, key in (("tokens", "bucket"), ("length", "le"), ("finish", "reason"))}
     out["length"] = _bins(out["length"])
-    refused = sum(float(r["value"][1]) for r in prom.query(queries["refusal"], at))
+    refused = sum(value for _, value in prom.query(queries["refusal"], at))
     out["refusal"] = {"refused": refused, "answered": max(sum(out["finish"].values()) - refused, 0.0)}
     return out
 
@@ -191,12 +171,7 @@ def measure(prom: Prometheus, mv: Any, policy: DriftPolicy, capture_reference: b
 
 def alert(alertmanager: str, report: DriftReport) -> None:
     """Post the drift as a `PrivlmOutputDrift` alert to Alertmanager (it routes it to the receivers)."""
-    body = [{"labels": {"alertname": "PrivlmOutputDrift", "model": report.model, "version": report.version,
-                        "severity": "warning"},
-             "annotations": {"summary": f"{report.version}: {report.verdict}", "kl": f"{report.score:.4f}"}}]
-    try:
-        r = httpx.post(f"{alertmanager.rstrip('/')}/api/v2/alerts", json=body, timeout=30)
-    except httpx.HTTPError as exc:
-        raise RegistryError(f"Alertmanager at {alertmanager} is unreachable ({exc}); pass --alertmanager URL") from None
-    if r.status_code >= 300:
-        raise RegistryError(f"Alertmanager at {alertmanager} refused the alert: {r.status_code} {r.text[:200]}")
+    from mlops.alerts import DRIFT_ALERT, post_alert
+
+    post_alert(alertmanager, DRIFT_ALERT, {"model": report.model, "version": report.version, "severity": "warning"},
+               {"summary": f"{report.version}: {report.verdict}", "kl": f"{report.score:.4f}"})

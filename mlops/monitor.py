@@ -142,9 +142,10 @@ class Prometheus:
             raise ValueError(f"Prometheus refused {path} {params}: {body.get('error') or resp.text[:300]}")
         return body["data"]
 
-    def query(self, promql: str) -> list[tuple[dict[str, str], float]]:
-        """An instant query: (labels, value) per series (a scalar gives one series without labels)."""
-        data = self._get("/api/v1/query", query=promql)
+    def query(self, promql: str, at: float | None = None) -> list[tuple[dict[str, str], float]]:
+        """An instant query (now, or at a time in seconds since the epoch): (labels, value) per series
+        (a scalar gives one series without labels)."""
+        data = self._get("/api/v1/query", query=promql, **({"time": f"{at:.3f}"} if at is not None else {}))
         if data["resultType"] in ("scalar", "string"):
             return [({}, float(data["result"][1]))]
         return [(r["metric"], float(r["value"][1])) for r in data["result"]]
@@ -292,3 +293,14 @@ def status(prometheus: str = typer.Option("", help="Prometheus URL (default: fro
                       a.get("annotations", {}).get("summary", ""))
     console.print(table if alerts else "no alerts pending or firing")
     raise typer.Exit(1 if any(t["health"] != "up" for t in targets) else 0)
+
+
+def _register_operate_commands() -> None:
+    """`privlm monitor drift|loop`: the served model's drift and the retraining loop (mlops/cli.py)."""
+    from mlops.cli import drift_cmd, loop_cmd
+
+    monitor_app.command("drift")(drift_cmd)
+    monitor_app.command("loop")(loop_cmd)
+
+
+_register_operate_commands()

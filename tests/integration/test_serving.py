@@ -480,6 +480,74 @@ def test_the_loop_retrains_on_feedback_into_a_challenger(endpoint, small_data, t
     # list changes): test_adapter_served_on_its_base_without_merging covers adapters on a base.
 
 
+@pytest.fixture(scope="module")
+def monitoring(endpoint: dict, monitoring_stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The session's monitoring stack (Prometheus, Alertmanager, our receiver) scraping this module's
+    gateway over HTTPS with a metrics:read key, the P99 alert's `for` shortened to 3 s."""
+    token = tmp_path_factory.mktemp("scrape") / "token"
+    token.write_text(KEY)
+    monitoring_stack.override_rules({"p99_latency": {"for": "3s"}})
+    monitoring_stack.add_gateway(f"127.0.0.1:{PORT}", token_file=str(token), ca_file=endpoint["tls"]["ca"],
+                                 scheme="https")
+    assert monitoring_stack.wait_for_target("privlm-gateway", 60), monitoring_stack.logs()
+    return monitoring_stack
+
+
+def traffic(endpoint: dict, seconds: float, prompts: list[str], max_tokens: int, clients: int = 4) -> int:
+    """Requests to the champion from `clients` threads for `seconds`; how many were answered."""
+    done, stop = [], time.monotonic() + seconds
+
+    def loop(i: int) -> None:
+        n = 0
+        while time.monotonic() < stop:
+            body = {"model": "served@champion", "prompt": prompts[n % len(prompts)], "max_tokens": max_tokens}
+            done.append(post(endpoint, "/v1/completions", body).status_code == 200)
+            n += 1
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(loop, range(clients)))
+    return sum(done)
+
+
+def test_output_drift_is_measured_on_live_traffic(endpoint, monitoring) -> None:
+    """A steady stream stays below the threshold; outputs changed on purpose go above it and alert."""
+    from jobs.recipe import DriftPolicy
+    from mlops.drift import Prometheus, alert, measure
+    from mlops.registry import get_version
+
+    uri, prom = endpoint["registered"]["uri"], Prometheus(monitoring.prometheus_url)
+    mv = get_version("served", "1", uri)
+    policy = DriftPolicy(window="12s", reference_window="12s", min_tokens=200)
+    steady = ["def main", "import os", "class A:", "for i in"]
+    assert traffic(endpoint, 14, steady, 8) > 20
+    time.sleep(2)  # the last scrape
+    first = measure(prom, mv, policy, capture_reference=True, uri=uri)  # the last 12 s become the reference
+    assert "privlm.drift.reference" in get_version("served", "1", uri).tags
+    traffic(endpoint, 14, steady, 8)
+    time.sleep(2)
+    same = measure(prom, mv, policy, uri=uri)
+    assert not same.drifted and same.recent_tokens >= 200, same.as_dict()
+    traffic(endpoint, 14, ["1", "\n\n\n"], 2)  # other prompts, answers cut to 2 tokens
+    time.sleep(2)
+    changed = measure(prom, mv, policy, uri=uri)
+    assert changed.drifted and changed.divergences["length"] > 0.15, changed.as_dict()
+    assert changed.score > 5 * same.score and first.reference_tokens >= 200
+    alert(monitoring.alertmanager_url, changed)
+    delivered = monitoring.wait_for_alert("PrivlmOutputDrift", 60)
+    assert "served/v1" in json.dumps(delivered)
+
+
+def test_a_slow_endpoint_fires_the_p99_alert_end_to_end(endpoint, monitoring) -> None:
+    """Long generations at high concurrency push the gateway's P99 above 500 ms: Prometheus fires the
+    alert, Alertmanager delivers it to our receiver."""
+    traffic(endpoint, 20, ["def main"], 64, clients=12)
+    p99 = monitoring.prometheus.value(
+        'histogram_quantile(0.99, sum by (le) (rate(privlm_request_latency_seconds_bucket[1m])))')
+    assert p99 is not None and p99 > 0.5, p99
+    delivered = monitoring.wait_for_alert("PrivlmP99LatencyHigh", 90)
+    assert "PrivlmP99LatencyHigh" in json.dumps(delivered)
+
+
 def test_rollout_to_a_new_champion_fails_no_request(gateway_default) -> None:
     from serving.cli import follow_champion
 
