@@ -475,17 +475,20 @@ def _validate(recipe: Recipe, runner: Any, data: Any, pos: Position, metrics: Me
 
 class _SampleLog:
     """training.record_samples: each rank appends the block ids of every step it trains to
-    run_dir/samples/rank-NNNNN.jsonl (data-parallel rank and step; later records of a step win)."""
+    run_dir/samples/rank-NNNNN.jsonl with its data-parallel rank and the launch (`attempt`): a step that
+    was replayed after a resume counts from the latest attempt only."""
 
     def __init__(self, recipe: Recipe, rank: RankInfo, layout: Any) -> None:
         folder = recipe.run_path / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         self.data_rank = layout.data_rank
+        self.attempt = all_reduce_max(time.time())  # one id per launch, the same on every rank
         self._fh = open(folder / f"rank-{rank.rank:05d}.jsonl", "a", buffering=1)  # noqa: SIM115 - run-long
 
     def write(self, step: int, micro: list[np.ndarray]) -> None:
         ids = [int(i) for m in micro for i in m]
-        self._fh.write(json.dumps({"step": step, "data_rank": self.data_rank, "ids": ids}) + "\n")
+        self._fh.write(json.dumps({"attempt": self.attempt, "step": step, "data_rank": self.data_rank,
+                                   "ids": ids}) + "\n")
 
 
 def _export(recipe: Recipe, runner: Any, rank: RankInfo, pos: Position, layout: Any, eval_loss: float | None) -> None:

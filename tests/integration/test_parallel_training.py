@@ -24,14 +24,14 @@ def recipe_at(tmp_path: Path, data: Path, name: str, **sections) -> Path:
 
 
 def read_samples(run: Path) -> dict[int, list[int]]:
-    """step -> sorted block ids trained at that step over all data-parallel ranks (a replayed step's later
-    record wins; tensor/pipeline peers of a data rank record the same ids)."""
-    by_step: dict[int, dict[int, list[int]]] = {}
+    """step -> sorted block ids trained at that step over all data-parallel ranks, from the latest launch
+    that trained it (tensor/pipeline peers of a data rank record the same ids)."""
+    by_step: dict[int, dict[float, dict[int, list[int]]]] = {}
     for f in sorted((run / "samples").glob("rank-*.jsonl")):
         for line in f.read_text().splitlines():
             rec = json.loads(line)
-            by_step.setdefault(rec["step"], {})[rec["data_rank"]] = rec["ids"]
-    return {s: sorted(i for ids in ranks.values() for i in ids) for s, ranks in by_step.items()}
+            by_step.setdefault(rec["step"], {}).setdefault(rec["attempt"], {})[rec["data_rank"]] = rec["ids"]
+    return {s: sorted(i for ids in attempts[max(attempts)].values() for i in ids) for s, attempts in by_step.items()}
 
 
 def events(run: Path, kind: str) -> list[dict]:
@@ -56,7 +56,7 @@ def same_weights(a: Path, b: Path) -> bool:
 @pytest.mark.parametrize("layout", [{"tensor": 2}, {"pipeline": 2}], ids=["tensor2", "pipeline2"])
 def test_model_parallel_run_resumes_bitwise_after_a_rank_is_killed(layout: dict, tmp_path: Path,
                                                                    small_data: Path) -> None:
-    sections = {"parallel": layout, "deepspeed": {"zero_stage": 1}, "training": {"eval_every": 6}}
+    sections = {"parallel": layout, "deepspeed": {"zero_stage": 1}}
     reference = recipe_at(tmp_path, small_data, "ref", **sections)
     out = privlm("train", "run", str(reference)).stdout
     assert ("tensor 2 x pipeline 1 x data 1" if "tensor" in layout else "tensor 1 x pipeline 2 x data 1") in out
@@ -73,7 +73,6 @@ def test_model_parallel_run_resumes_bitwise_after_a_rank_is_killed(layout: dict,
     # the export gathers tensor shards / pipeline stages into a plain model: the same loss outside DeepSpeed
     summary = json.loads((tmp_path / "ref" / "summary.json").read_text())
     assert exported_loss(tmp_path / "ref" / "model", small_data) == pytest.approx(summary["eval_loss"], rel=1e-4)
-    assert [e["step"] for e in events(tmp_path / "ref", "eval")] == [6, 12]
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
