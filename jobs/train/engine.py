@@ -227,9 +227,9 @@ def train(recipe: Recipe) -> int:
     if t.early_stopping is not None and pos.best_step not in (None, pos.step):  # export the best validated weights
         best = ckpt.Checkpoint(recipe.checkpoint_path / ckpt.tag_for(pos.best_step), {})
         best.meta = ckpt.verify(best.path, recipe.checkpoint.verify_checksums)
-        rollbacks = pos.rollbacks
+        rollbacks, skips = pos.rollbacks, pos.skips
         pos = Position.restore(manager.load(runner.engine, ckpt.Resume(best, False, False)), t.global_batch_size)
-        pos.rollbacks = rollbacks
+        pos.rollbacks, pos.skips = rollbacks, skips
     eval_loss = runner.eval_loss(eval_data) if eval_data is not None else None
     _export(recipe, runner, rank, pos, layout, eval_loss)
     summary = {"event": "finished", "step": final_step, "exported_step": pos.step, "tokens": pos.tokens,
