@@ -101,8 +101,9 @@ def test_resume_on_another_world_size_sees_the_same_samples(stage: int, tmp_path
     assert sorted(got) == sorted(ref) == list(range(1, 13))
     if stage == 1:
         assert all(got[s] == ref[s] for s in range(1, 5))  # before the change: bitwise
-    # the same math summed in another order (and partitioned otherwise under ZeRO-2/3) than the ZeRO-1 reference;
-    # measured: ZeRO-1 and -2 within 1e-4 at every step, ZeRO-3 drifts to ~8e-4 by step 7 (lr 1e-2)
+    # the same math summed in another order than the ZeRO-1 reference; measured: ZeRO-1 and -2 within 4e-8 at
+    # every step; ZeRO-3 matches up to the first step after the change, then drifts to ~9e-4 (its optimizer
+    # state does not come back exactly through the universal checkpoint: a known gap, bounded here)
     drift = max(abs(got[s] - ref[s]) / ref[s] for s in ref)
     print(f"ZeRO-{stage}: largest relative loss difference to the uninterrupted run: {drift:.2e}")
     assert drift < (1e-4 if stage < 3 else 3e-3), drift
