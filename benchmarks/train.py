@@ -1,4 +1,6 @@
-"""Training figures: our DeepSpeed trainer vs a plain PyTorch loop, checkpoint cost, data throughput.
+"""Training figures: our DeepSpeed trainer vs a plain PyTorch loop, checkpoint cost, data throughput;
+ZeRO-1 vs tensor parallel T=2 vs pipeline parallel P=2 on the same model and 2 ranks, and the time to
+resume a 2-rank checkpoint on 1 rank (universal conversion + load).
 
 Writes benchmarks/results/train.json. Both loops train the same model on the same blocks with the
 same global batch and the same number of threads (2 ranks x 1 thread vs 1 process x 2 threads),
@@ -49,26 +51,41 @@ def bench_data(recipe_path: Path, work: Path) -> dict:
     return {"input_mb": mb, "seconds": seconds, "mb_per_s": mb / seconds, "data_dir": str(recipe.data_path)}
 
 
-def bench_trainer(recipe_path: Path, data_dir: str, work: Path, steps: int) -> dict:
-    """Our trainer through the real CLI; steady-state tokens/s and checkpoint save/load."""
-    run = work / "run"
+def _train(recipe_path: Path, data_dir: str, run: Path, steps: int, extra: list[str], env: dict) -> None:
     overrides = [f"data.output_dir={data_dir}", f"run_dir={run}", f"checkpoint.directory={run / 'ckpt'}",
-                 f"training.max_steps={steps}", "training.log_every=5", f"checkpoint.interval={steps}"]
+                 f"training.max_steps={steps}", "training.log_every=5", f"checkpoint.interval={steps}", *extra]
     cmd = [sys.executable, "-m", "privlm.cli", "train", "run", str(recipe_path)]
     for o in overrides:
         cmd += ["--set", o]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env=env)
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _steady_tokens_per_s(records: list[dict]) -> tuple[float, float]:
+    steady = [r for r in records if "loss" in r and r["step"] > 5]
+    return sum(r["tokens_per_s"] for r in steady) / len(steady), sum(r["mfu"] for r in steady) / len(steady)
+
+
+def bench_trainer(recipe_path: Path, data_dir: str, work: Path, steps: int, name: str = "run",
+                  extra: list[str] | None = None, resume_on: int | None = None) -> dict:
+    """Our trainer through the real CLI; steady-state tokens/s and checkpoint save/load (the rerun resumes
+    the final checkpoint and re-exports; with `resume_on`, on that many ranks instead)."""
+    run = work / name
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env=env)
+    _train(recipe_path, data_dir, run, steps, list(extra or []), env)
+    tokens_per_s, mfu = _steady_tokens_per_s(_records(run))
     shutil.rmtree(run / "model")  # so the rerun resumes from the final checkpoint and re-exports: load time
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env=env)
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    steady_records = [r for r in records if "loss" in r and r["step"] > 5]
-    steady = [r["tokens_per_s"] for r in steady_records]
+    rerun = [*(extra or []), *([f"training.processes_per_node={resume_on}"] if resume_on else [])]
+    _train(recipe_path, data_dir, run, steps, rerun, env)
+    records = _records(run)
     ckpt = next(r for r in records if r.get("event") == "checkpoint")
     resumed = [r for r in records if r.get("event") == "start" and r.get("resumed")][-1]
-    return {"tokens_per_s": sum(steady) / len(steady), "mfu": sum(r["mfu"] for r in steady_records) / len(steady),
-            "checkpoint_save_s": ckpt["seconds"], "checkpoint_bytes": ckpt["bytes"],
-            "checkpoint_load_s": resumed["load_seconds"]}
+    return {"tokens_per_s": tokens_per_s, "mfu": mfu, "checkpoint_save_s": ckpt["seconds"],
+            "checkpoint_bytes": ckpt["bytes"], "checkpoint_load_s": resumed["load_seconds"],
+            "resumed_world_size": resumed["world_size"], "reshaped": resumed.get("reshaped", False)}
 
 
 def bench_plain_loop(recipe_path: Path, data_dir: str, steps: int) -> dict:
@@ -109,8 +126,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="privlm-bench-"))
     try:
         data = bench_data(args.recipe, work)
-        ours = bench_trainer(args.recipe, data["data_dir"], work, args.steps)
+        ours = bench_trainer(args.recipe, data["data_dir"], work, args.steps, resume_on=1)
         plain = bench_plain_loop(args.recipe, data["data_dir"], args.steps)
+        layouts = {"zero1": ours,
+                   "tensor2": bench_trainer(args.recipe, data["data_dir"], work, args.steps, "tp",
+                                            ["parallel.tensor=2", "deepspeed.zero_stage=1"]),
+                   "pipeline2": bench_trainer(args.recipe, data["data_dir"], work, args.steps, "pp",
+                                              ["parallel.pipeline=2", "deepspeed.zero_stage=1"])}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     recipe = load_recipe(args.recipe)
@@ -120,7 +142,12 @@ def main() -> None:
         "trainer": {**ours, "zero_stage": recipe.deepspeed.zero_stage, "ranks": recipe.training.world_size},
         "baseline_plain_pytorch": plain,
         "ratio_tokens_per_s": ours["tokens_per_s"] / plain["tokens_per_s"],
-        "target_ratio": 0.9,
+        "target_ratio": 0.95,
+        "parallel_layouts_2_ranks": {
+            k: {"tokens_per_s": v["tokens_per_s"], "ratio_to_zero1": v["tokens_per_s"] / ours["tokens_per_s"],
+                "checkpoint_save_s": v["checkpoint_save_s"], "checkpoint_load_s": v["checkpoint_load_s"]}
+            for k, v in layouts.items()},
+        "resume_2_to_1_ranks_s": ours["checkpoint_load_s"] if ours["reshaped"] else None,
         "data_pipeline": {k: v for k, v in data.items() if k != "data_dir"},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -179,13 +179,26 @@ def plan_command(
                                   for ck, off in ((False, False), (True, False), (False, True), (True, True))))
     console.print(mem)
     fits = Table(title=f"smallest configurations that fit, {tokens / 1e9:,.0f}B tokens at {mfu:.0%} MFU")
-    for col in ("instance", "GPUs", "nodes", "ZeRO", "offload", "act. ckpt", "GiB/GPU", "days", "on-demand cost"):
+    for col in ("instance", "GPUs", "nodes", "T x P x D", "ZeRO", "offload", "act. ckpt", "GiB/GPU", "GPU-hours",
+                "days", "on-demand cost"):
         fits.add_column(col, justify="right")
-    for o in smallest_fits(shape, tokens, mfu):
-        fits.add_row(o["instance_type"], str(o["gpus"]), str(o["nodes"]), str(o["zero_stage"]),
+    options = smallest_fits(shape, tokens, mfu)
+    for o in options:
+        layout = f"{o['tensor']} x {o['pipeline']} x {o['data']}"
+        fits.add_row(o["instance_type"], str(o["gpus"]), str(o["nodes"]), layout, str(o["zero_stage"]),
                      "yes" if o["offload"] else "no", "yes" if o["activation_checkpointing"] else "no",
-                     f"{o['gib_per_gpu']:.1f}", f"{o['days']:.1f}", f"${o['on_demand_usd']:,.0f}")
+                     f"{o['gib_per_gpu']:.1f}", f"{o['gpu_hours']:,.0f}", f"{o['days']:.1f}",
+                     f"${o['on_demand_usd']:,.0f}")
     console.print(fits)
+    if recipe is not None:
+        layout = f"{r.parallel.tensor} x {r.parallel.pipeline} x {r.data_parallel}"
+        gib = train_memory_gib(shape, r.deepspeed.zero_stage, t.world_size, r.deepspeed.offload_optimizer != "none",
+                               t.activation_checkpointing, r.parallel.tensor, r.parallel.pipeline)
+        console.print(f"the recipe as written: {t.world_size} GPUs, T x P x D = {layout}, "
+                      f"ZeRO-{r.deepspeed.zero_stage}: {gib:,.1f} GiB per GPU")
+    if options:
+        console.print(f"total GPU-hours: {min(o['gpu_hours'] for o in options):,.0f} to "
+                      f"{max(o['gpu_hours'] for o in options):,.0f} (6·N·D FLOPs at {mfu:.0%} MFU, by GPU)")
     serve = Table(title=f"serving: context {context}, batch {serve_batch}, {requests_per_s} req/s x "
                         f"{tokens_per_request:.0f} tokens")
     for col in ("quantization", "weights GiB", "KV cache GiB", "total GiB", "replicas on H100"):

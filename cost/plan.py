@@ -1,5 +1,6 @@
-"""Hardware planning: per-GPU memory for training under ZeRO 0-3 (offload, activation checkpointing),
-the smallest catalog configurations that fit with their time and cost, and serving memory per replica."""
+"""Hardware planning: per-GPU memory for training under ZeRO 0-3 (offload, activation checkpointing) with
+tensor x pipeline x data parallelism, the smallest catalog configurations that fit with their GPU-hours,
+time and cost, and serving memory per replica."""
 
 from __future__ import annotations
 
@@ -61,10 +62,35 @@ def activation_bytes(shape: TrainShape, checkpointing: bool) -> float:
     return n * per_layer + logits
 
 
-def train_memory_gib(shape: TrainShape, stage: int, gpus_: int, offload: bool, checkpointing: bool) -> float:
-    """Per-GPU memory in GiB, with 10% for fragmentation and buffers."""
-    total = model_state_bytes(shape.params, stage, gpus_, offload, offload and stage == 3)
-    return 1.1 * (total + activation_bytes(shape, checkpointing)) / GIB
+def train_memory_gib(shape: TrainShape, stage: int, gpus_: int, offload: bool, checkpointing: bool,
+                     tensor: int = 1, pipeline: int = 1) -> float:
+    """Per-GPU memory in GiB, with 10% for fragmentation and buffers, on `gpus_` GPUs split tensor x pipeline x
+    data. Model states: the N/(T·P) parameters of one shard, ZeRO-partitioned over the D data ranks.
+    Activations: tensor parallelism splits each layer's (Korthikanti et al. 2022 without sequence parallelism:
+    the 10·s·b·h of norms and residuals stay whole, the 24·s·b·h of attention and MLP split); a pipeline stage
+    holds L/P layers but, under 1F1B, up to P micro-batches in flight, so the first stage keeps them all."""
+    data = gpus_ // (tensor * pipeline)
+    states = model_state_bytes(shape.params / (tensor * pipeline), stage, data, offload, offload and stage == 3)
+    s, b, h, n = shape.seq_len, shape.micro_batch, shape.hidden, shape.layers
+    per_layer = s * b * h * (10 + 24 / tensor)
+    logits = 4 * s * b * shape.vocab / tensor
+    layers_here, in_flight = -(-n // pipeline), pipeline
+    kept = 2 * s * b * h if checkpointing else per_layer  # per layer and micro-batch in flight
+    acts = in_flight * layers_here * kept + (per_layer if checkpointing else 0.0)
+    return 1.1 * (states + acts + logits) / GIB
+
+
+def layouts(n_gpus: int, gpus_per_node: int, shape: TrainShape) -> list[tuple[int, int]]:
+    """(tensor, pipeline) degrees the trainer accepts on `n_gpus` (jobs.recipe.parallel_problems): tensor
+    within a node and dividing the heads, pipeline at most the layers, never both above 1; least split first."""
+    out = [(1, 1)]
+    for t in (2, 4, 8):
+        if t <= gpus_per_node and n_gpus % t == 0 and shape.heads % t == 0:
+            out.append((t, 1))
+    for p in (2, 4, 8, 16):
+        if p <= shape.layers and n_gpus % p == 0:
+            out.append((1, p))
+    return out
 
 
 def smallest_fits(shape: TrainShape, tokens: float, mfu: float = 0.4, limit: int = 8) -> list[dict[str, Any]]:
@@ -74,27 +100,39 @@ def smallest_fits(shape: TrainShape, tokens: float, mfu: float = 0.4, limit: int
         gpu = gpus().get(inst.gpu)
         if gpu is None:
             continue
-        for nodes in (1, 2, 4, 8, 16, 32, 64):  # instances are rented whole
+        # instances are rented whole; CPU offload only when no node count up to 64 fits without it
+        for nodes, offload in ((n, o) for o in (False, True) for n in (1, 2, 4, 8, 16, 32, 64)):
             n_gpus = nodes * inst.gpus
-            fit = _best_setting(shape, n_gpus, inst.gpu_memory_gib)
+            fit = _best_setting(shape, n_gpus, inst.gpus, inst.gpu_memory_gib, offload)
             if fit is None:
                 continue
-            hours = gpu_hours(training_flops(shape.params, tokens), gpu.bf16_dense_tflops, mfu) / n_gpus
+            total_hours = gpu_hours(training_flops(shape.params, tokens), gpu.bf16_dense_tflops, mfu)
+            hours = total_hours / n_gpus
             options.append({"instance_type": inst.instance_type, "gpu": inst.gpu, "gpus": n_gpus, "nodes": nodes,
-                            **fit, "days": hours / 24, "on_demand_usd": hours * nodes * inst.on_demand_usd_per_hour})
+                            **fit, "gpu_hours": total_hours, "days": hours / 24,
+                            "on_demand_usd": hours * nodes * inst.on_demand_usd_per_hour})
             break
     return sorted(options, key=lambda o: o["on_demand_usd"])[:limit]
 
 
-def _best_setting(shape: TrainShape, n_gpus: int, gpu_gib: float) -> dict[str, Any] | None:
-    """The least intrusive setting that fits: lowest ZeRO stage, no offload, no recomputation first."""
-    for checkpointing in (False, True):
-        for offload in (False, True):
-            for stage in (1, 2, 3) if offload else (0, 1, 2, 3):  # offload needs ZeRO 1+
-                gib = train_memory_gib(shape, stage, n_gpus, offload, checkpointing)
-                if gib <= gpu_gib:
-                    return {"zero_stage": stage, "offload": offload, "activation_checkpointing": checkpointing,
-                            "gib_per_gpu": gib}
+def _best_setting(shape: TrainShape, n_gpus: int, gpus_per_node: int, gpu_gib: float,
+                  allow_offload: bool = True) -> dict[str, Any] | None:
+    """The least intrusive setting that fits: data parallelism before tensor before pipeline, then the lowest
+    ZeRO stage, no offload, no recomputation; only ZeRO stages DeepSpeed runs with that layout."""
+    from jobs.recipe import PIPELINE_ZERO, TENSOR_ZERO
+
+    for tensor, pipeline in layouts(n_gpus, gpus_per_node, shape):
+        allowed = PIPELINE_ZERO if pipeline > 1 else TENSOR_ZERO if tensor > 1 else (0, 1, 2, 3)
+        for checkpointing in (False, True):
+            for offload in (False, True) if allow_offload else (False,):
+                if offload and pipeline > 1:
+                    continue
+                for stage in (s for s in allowed if not offload or s >= 1):  # offload needs ZeRO 1+
+                    gib = train_memory_gib(shape, stage, n_gpus, offload, checkpointing, tensor, pipeline)
+                    if gib <= gpu_gib:
+                        return {"zero_stage": stage, "offload": offload, "activation_checkpointing": checkpointing,
+                                "tensor": tensor, "pipeline": pipeline, "data": n_gpus // (tensor * pipeline),
+                                "gib_per_gpu": gib}
     return None
 
 

@@ -287,6 +287,38 @@ class DataConfig(Strict):
             raise ValueError(problems) from None
 
 
+class EarlyStoppingConfig(Strict):
+    """Stop when the validation loss has not improved by `min_delta` for `patience` evaluations; the best
+    checkpoint is the exported model."""
+
+    patience: PosInt = 3
+    min_delta: float = Field(0.0, ge=0)
+
+
+class GuardConfig(Strict):
+    """Divergence guard: a non-finite loss, or one above `spike_factor` x the running mean, rolls the run
+    back to the last checkpoint and skips the offending batch."""
+
+    enabled: bool = True
+    spike_factor: float | None = Field(None, gt=1, description="None: only NaN/Inf trip the guard")
+    warmup_steps: int = Field(5, ge=0, description="steps before spikes are judged (the mean must settle)")
+    max_rollbacks: int = Field(3, ge=0, description="give up (exit 3) after this many rollbacks")
+
+
+class ParallelConfig(Strict):
+    """Model parallelism: tensor (DeepSpeed AutoTP) and pipeline (DeepSpeed PipelineModule) degrees; data
+    parallelism takes the remaining ranks, world / (tensor x pipeline)."""
+
+    tensor: PosInt = 1
+    pipeline: PosInt = 1
+    partition: Literal["uniform", "parameters"] = Field(
+        "uniform", description="how layers split over pipeline stages (DeepSpeed's partition_method)")
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tensor * self.pipeline
+
+
 class TrainingConfig(Strict):
     """Batch geometry, schedule and stopping rule. Gradient accumulation is derived."""
 
@@ -307,14 +339,14 @@ class TrainingConfig(Strict):
     log_every: PosInt = 10
     activation_checkpointing: bool = False
     threads_per_process: PosInt | None = Field(None, description="torch threads per rank; 1 on CPU by default")
+    eval_every: PosInt | None = Field(None, description="validate on the whole held-out split every N steps")
+    early_stopping: EarlyStoppingConfig | None = None
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+    record_samples: bool = Field(False, description="write each step's block ids per rank to run_dir/samples/")
 
     @property
     def world_size(self) -> int:
         return self.processes_per_node * self.nodes
-
-    @property
-    def gradient_accumulation_steps(self) -> int:
-        return self.global_batch_size // (self.micro_batch_size * self.world_size)
 
     @property
     def tokens_per_step(self) -> int:
@@ -327,15 +359,23 @@ class TrainingConfig(Strict):
         assert self.token_budget is not None
         return max(1, -(-self.token_budget // self.tokens_per_step))
 
+    def gradient_accumulation(self, data_parallel: int) -> int:
+        """Micro-batches per optimizer step on each data-parallel rank (pipeline: micro-batches in flight)."""
+        return self.global_batch_size // (self.micro_batch_size * data_parallel)
+
+    def batch_geometry_error(self, data_parallel: int, layout: str) -> str | None:
+        """Why the global batch does not split over `data_parallel` ranks (None when it does)."""
+        per_step = self.micro_batch_size * data_parallel
+        if self.global_batch_size % per_step == 0:
+            return None
+        return (f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size "
+                f"x {layout} = {self.micro_batch_size} x {data_parallel} = {per_step}; "
+                f"use e.g. global_batch_size={max(per_step, self.global_batch_size // per_step * per_step)}")
+
     @model_validator(mode="after")
     def _geometry(self) -> TrainingConfig:
-        per_step = self.micro_batch_size * self.world_size
-        if self.global_batch_size % per_step:
-            raise ValueError(
-                f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size "
-                f"x world size = {self.micro_batch_size} x {self.world_size} = {per_step}; "
-                f"use e.g. global_batch_size={max(per_step, self.global_batch_size // per_step * per_step)}"
-            )
+        if self.eval_every is None and self.early_stopping is not None:
+            raise ValueError("early_stopping needs eval_every (the validation interval, in steps)")
         if (self.max_steps is None) == (self.token_budget is None):
             raise ValueError("set exactly one of max_steps and token_budget")
         if self.min_learning_rate > self.learning_rate:
@@ -485,6 +525,7 @@ class Recipe(Strict):
     data: DataConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     finetune: FinetuneConfig | None = None
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
@@ -505,6 +546,9 @@ class Recipe(Strict):
                 f"training.sequence_length={self.training.sequence_length} exceeds "
                 f"model.max_position_embeddings={self.model.max_position_embeddings}"
             )
+        problems = parallel_problems(self, self.training.world_size)
+        if problems:
+            raise ValueError("\n  - ".join(problems))
         if self.finetune and self.finetune.method == "lora" and self.model.architecture == "gpt2":
             bad = set(self.finetune.lora.target_modules) - {"c_attn", "c_proj", "c_fc"}
             if bad:
@@ -512,6 +556,15 @@ class Recipe(Strict):
                     f"finetune.lora.target_modules={sorted(bad)} do not exist in gpt2; use c_attn, c_proj, c_fc"
                 )
         return self
+
+    @property
+    def data_parallel(self) -> int:
+        """Data-parallel ranks of the recipe's own world size."""
+        return self.training.world_size // self.parallel.model_parallel
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.training.gradient_accumulation(self.data_parallel)
 
     # --- resolved paths -------------------------------------------------------------------
     def _fmt(self, template: str) -> Path:
@@ -537,6 +590,51 @@ class Recipe(Strict):
         """A stable hash of the whole recipe, for lineage and cache keys."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+PIPELINE_ZERO = (0, 1)  # DeepSpeed's PipelineEngine asserts ZeRO < 2 ("incompatible with pipeline parallelism")
+TENSOR_ZERO = (0, 1, 2)  # AutoTP training: "ZeRO Optimization: Stage 0, 1, or 2" (DeepSpeed's AutoTP tutorial)
+
+
+def parallel_problems(recipe: Recipe, world_size: int) -> list[str]:
+    """What stops `recipe` from running on `world_size` ranks with its tensor/pipeline layout, each naming
+    the field, the value and the fix; the planner proposes only layouts for which this is empty."""
+    par, ds, m = recipe.parallel, recipe.deepspeed, recipe.model
+    t, p = par.tensor, par.pipeline
+    out: list[str] = []
+    if world_size % (t * p):
+        out.append(f"parallel.tensor x parallel.pipeline = {t} x {p} = {t * p} does not divide the world size "
+                   f"training.nodes x processes_per_node = {world_size}; pick degrees whose product divides it")
+        return out
+    if t > 1 and p > 1:
+        out.append(f"parallel.tensor={t} with parallel.pipeline={p}: DeepSpeed's AutoTP builds a 2-D (data, "
+                   "tensor) mesh and its PipelineEngine has no AutoTP path; set one of them to 1")
+    if p > 1 and ds.zero_stage not in PIPELINE_ZERO:
+        out.append(f"deepspeed.zero_stage={ds.zero_stage} with parallel.pipeline={p}: DeepSpeed's pipeline engine "
+                   "runs ZeRO 0 or 1 only; set deepspeed.zero_stage: 1")
+    if t > 1 and ds.zero_stage not in TENSOR_ZERO:
+        out.append(f"deepspeed.zero_stage={ds.zero_stage} with parallel.tensor={t}: AutoTP training supports "
+                   "ZeRO 0, 1 or 2; set deepspeed.zero_stage: 2 (or 1)")
+    if p > 1 and m.num_layers < p:
+        out.append(f"parallel.pipeline={p} is more than model.num_layers={m.num_layers}; use at most {m.num_layers}")
+    if t > 1:
+        kv = m.num_kv_heads or m.num_heads
+        for name, value in (("model.num_heads", m.num_heads), ("model.num_kv_heads", kv)):
+            if value % t:
+                out.append(f"{name}={value} is not divisible by parallel.tensor={t}: AutoTP splits heads evenly; "
+                           f"use a tensor degree that divides {value}")
+    if (t > 1 or p > 1) and recipe.finetune is not None and recipe.finetune.method == "lora":
+        out.append(f"finetune.method='lora' with parallel.tensor={t}, parallel.pipeline={p}: adapters train with "
+                   "data parallelism only; set parallel.tensor and parallel.pipeline to 1 (ZeRO-3 fits large bases)")
+    if p > 1 and ds.offload_optimizer != "none":
+        out.append(f"deepspeed.offload_optimizer={ds.offload_optimizer!r} with parallel.pipeline={p}: not with "
+                   "the pipeline engine; set deepspeed.offload_optimizer: none")
+    dp = world_size // (t * p)
+    layout = "data-parallel ranks (world / (tensor x pipeline))" if t * p > 1 else "world size"
+    geometry = recipe.training.batch_geometry_error(dp, layout)
+    if geometry:
+        out.append(f"training.{geometry}")
+    return out
 
 
 class RecipeError(ValueError):

@@ -122,10 +122,11 @@ def reference(prom: Prometheus, mv: Any, policy: DriftPolicy, capture_now: bool 
     """The version's stored reference; captured from Prometheus (and stored) on first use."""
     from mlops.tracking import client
 
-    if REFERENCE_TAG in mv.tags and not capture_now:
-        return json.loads(mv.tags[REFERENCE_TAG])
-    label = f"{mv.name}/v{mv.version}"
     mlflow_client = client(uri)
+    stored = mlflow_client.get_model_version(mv.name, str(mv.version)).tags.get(REFERENCE_TAG)  # fresh
+    if stored and not capture_now:
+        return json.loads(stored)
+    label = f"{mv.name}/v{mv.version}"
     if capture_now:
         end = time.time()
     else:

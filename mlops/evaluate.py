@@ -24,23 +24,18 @@ def eval_data_dir(version: Any, data_dir: Path | None) -> Path:
 
 
 def perplexity(model: Any, data_dir: Path, max_blocks: int, batch: int = 8) -> tuple[float, int]:
-    """exp(mean token loss) over the first `max_blocks` eval blocks; returns (perplexity, blocks used)."""
-    import numpy as np
-    import torch
-
+    """exp(eval loss) over the first `max_blocks` eval blocks, with the trainer's own definition of eval
+    loss (jobs.train.loss); returns (perplexity, blocks used)."""
     from jobs.data.pack import PackedDataset
+    from jobs.train.loss import split_loss
 
     data = PackedDataset(data_dir, "eval")
     n = min(len(data), max_blocks)
     if n == 0:
         raise RegistryError(f"{data_dir} has no eval blocks; prepare it with data.eval_fraction > 0")
-    losses = []
     model.eval()
-    with torch.no_grad():
-        for i in range(0, n, batch):
-            ids = torch.from_numpy(data.get_blocks(np.arange(i, min(i + batch, n))))
-            losses.append(float(model(input_ids=ids, labels=ids).loss) * len(ids))
-    return math.exp(sum(losses) / n), n
+    total, count = split_loss(lambda ids: model(input_ids=ids).logits, data, batch, n)
+    return math.exp(total / count), n
 
 
 def generation_check(model: Any, tokenizer: Any, new_tokens: int = 24) -> dict[str, Any]:

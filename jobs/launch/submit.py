@@ -64,11 +64,8 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         os.chdir(self.workdir)
         env = submitit.JobEnvironment()
-        recipe = load_recipe(self.recipe_file)
+        recipe = recipe_for_allocation(self.recipe_file, env.num_nodes, env.num_tasks)
         os.environ.update(rank_environment(env))
-        if env.num_tasks != recipe.training.world_size:
-            raise SubmitError(f"the job has {env.num_tasks} tasks but the recipe wants training.world_size="
-                              f"{recipe.training.world_size} (nodes x processes_per_node)")
         print(f"[privlm] {env}: rendezvous {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
         submitit_handlers = {s: signal.getsignal(s) for s in HANDLED}
         from jobs.train.engine import train
@@ -95,6 +92,26 @@ class TrainJob(submitit.helpers.Checkpointable):
         if env.cluster != "local":
             time.sleep(60)  # the requeue stops this task; if it does not, leave without a result
         os._exit(0)
+
+
+def recipe_for_allocation(recipe_file: str, nodes: int, tasks: int) -> Recipe:
+    """The recipe, resized to the ranks Slurm actually gave this run (a requeue onto fewer nodes): the trainer
+    then resumes its checkpoint on the new data-parallel degree with the same global batch and data position.
+    A size the recipe's batch or tensor/pipeline layout cannot split is refused, naming both sizes."""
+    from jobs.recipe import RecipeError
+
+    recipe = load_recipe(recipe_file)
+    if tasks == recipe.training.world_size:
+        return recipe
+    per_node = max(1, tasks // max(1, nodes))
+    try:
+        resized = load_recipe(recipe_file, [f"training.nodes={nodes}", f"training.processes_per_node={per_node}"])
+    except RecipeError as exc:
+        raise SubmitError(f"the job got {tasks} tasks on {nodes} node(s) but the recipe wants "
+                          f"{recipe.training.world_size}, and cannot run on {tasks}: {exc}") from None
+    print(f"[privlm] running on {tasks} ranks ({nodes} x {per_node}) instead of the recipe's "
+          f"{recipe.training.world_size}: the checkpoint is resumed on the new world size", flush=True)
+    return resized
 
 
 def result_of(recipe: Recipe) -> dict[str, Any]:

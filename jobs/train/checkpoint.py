@@ -4,6 +4,9 @@ Layout under the checkpoint directory:
     .staging/step-00000040/   written by DeepSpeed and every rank, never loaded
     step-00000040/            published: complete, fsynced, with meta.json listing every file
     latest                    the newest published tag (DeepSpeed's own format)
+    best                      the tag with the best validation loss (kept when older ones are pruned)
+    .universal/step-00000040/ the same checkpoint converted by DeepSpeed's ds_to_universal, made when a
+                              run resumes on another number of data-parallel ranks
 A checkpoint is published by renaming its staging directory only after every rank's files are on
 disk and verified; a crash at any moment leaves at most a staging directory, which is discarded.
 """
@@ -27,6 +30,8 @@ from jobs.files import atomic_write_text, fsync_dir
 from jobs.train.distributed import RankInfo, barrier
 
 STAGING = ".staging"
+UNIVERSAL = ".universal"
+BEST = "best"
 META = "meta.json"
 TAG_RE = re.compile(r"^step-(\d{8})$")
 
@@ -98,6 +103,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint that must not be loaded."""
 
 
+@dataclass
+class Resume:
+    """The checkpoint a run resumes from, and whether its data-parallel degree changes on the way."""
+
+    checkpoint: Checkpoint
+    reshaped: bool  # written by another number of data-parallel ranks: load through a universal checkpoint
+    universal: bool  # the reshape needs ds_to_universal (ZeRO 1-3 partition optimizer states by rank)
+
+
 def verify(path: Path, checksums: bool) -> dict[str, Any]:
     """Return the meta of a published checkpoint, or raise CheckpointError saying what is wrong."""
     meta_file = path / META
@@ -131,6 +145,12 @@ def find_latest(directory: Path, checksums: bool = False) -> Checkpoint | None:
         except (CheckpointError, json.JSONDecodeError, KeyError) as exc:
             print(f"[privlm] skipping checkpoint: {exc}", flush=True)
     return None
+
+
+def read_best(directory: Path) -> str | None:
+    """The tag of the best-validated checkpoint, if one was marked."""
+    path = directory / BEST
+    return path.read_text().strip() if path.is_file() else None
 
 
 class CheckpointManager:
@@ -205,8 +225,13 @@ class CheckpointManager:
         os.rename(staged, final)
         fsync_dir(self.directory)
         atomic_write_text(self.directory / "latest", staged.name)
+        if extra_meta.get("best"):
+            atomic_write_text(self.directory / BEST, staged.name)
+        best = read_best(self.directory)
         for old in published(self.directory)[self.keep:]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name != best:
+                shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(self.directory / UNIVERSAL / old.name, ignore_errors=True)
 
     def clean_staging(self) -> None:
         """Rank 0: drop what a crashed save left behind."""
@@ -214,43 +239,89 @@ class CheckpointManager:
             shutil.rmtree(self.staging, ignore_errors=True)
         barrier()
 
-    def load(self, engine: Any, data_fingerprint: str | None = None) -> tuple[Checkpoint, dict[str, Any]] | None:
-        """Load the newest verified checkpoint into the engine and this rank's RNG; None if there is none.
+    def find(self, world_size: int, layout: dict[str, int], data_fingerprint: str | None = None) -> Resume | None:
+        """The newest verified checkpoint to resume from, before the engine exists (a reshape changes its config).
 
-        Refuses a checkpoint written by another number of ranks, or trained on other data (a re-prepared
-        dataset has another tokenizer and block order: resuming on it would silently train on garbage).
+        Refuses a checkpoint trained on other data (a re-prepared dataset has another tokenizer and block
+        order: resuming on it would silently train on garbage) or with other tensor/pipeline degrees; a
+        different number of data-parallel ranks is a reshape (N -> M ranks, e.g. a requeue on fewer nodes).
         """
         self.clean_staging()
         found = find_latest(self.directory, self.checksums)
         if found is None:
             return None
-        if found.meta["world_size"] != self.rank.world_size:
-            raise CheckpointError(
-                f"{found.path} was written by {found.meta['world_size']} ranks but this job has "
-                f"{self.rank.world_size}; resume with the same processes_per_node x nodes"
-            )
         trained_on = found.meta.get("data_fingerprint")
         if trained_on and data_fingerprint and trained_on != data_fingerprint:
             raise CheckpointError(
                 f"{found.path} was trained on data {trained_on} but the prepared data is now {data_fingerprint} "
                 f"(it was re-prepared); move {self.directory} aside to train from scratch, or restore that data"
             )
-        _, client_state = engine.load_checkpoint(str(self.directory), tag=found.tag,
-                                                 load_module_strict=not self.exclude_frozen)
+        old = found.meta.get("layout") or {"tensor": 1, "pipeline": 1, "data": found.meta["world_size"]}
+        for key in ("tensor", "pipeline"):
+            if old[key] != layout[key]:
+                raise CheckpointError(
+                    f"{found.path} was written with parallel.{key}={old[key]} but this run has {layout[key]}; "
+                    f"resume with parallel.{key}: {old[key]} (only the data-parallel degree may change)")
+        reshaped = old["data"] != layout["data"] or found.meta["world_size"] != world_size
+        return Resume(found, reshaped, reshaped and found.meta.get("zero_stage", 0) >= 1)
+
+    def load(self, engine: Any, resume: Resume) -> dict[str, Any]:
+        """Load `resume` into the engine (built with load_universal when `resume.universal`) and this rank's
+        RNG states; returns the client state with this rank's loop state under `rank_state`.
+
+        After a reshape rank r takes the RNG states of old rank min(r, N-1) and no loop state (the
+        running loss of the log interval in progress restarts)."""
+        found = resume.checkpoint
+        directory, tag = self.directory, found.tag
+        if resume.universal:
+            directory = self._universal(found)
+        _, client_state = engine.load_checkpoint(str(directory), tag=tag, load_module_strict=not self.exclude_frozen)
         import torch
 
-        rng = torch.load(found.path / f"rng_rank{self.rank.rank:05d}.pt", weights_only=False)
+        old_world = int(found.meta["world_size"])
+        source = self.rank.rank if not resume.reshaped else min(self.rank.rank, old_world - 1)
+        rng = torch.load(found.path / f"rng_rank{source:05d}.pt", weights_only=False)
         restore_rng(rng)
-        return found, {**(client_state or {}), "rank_state": rng.get("loop", {})}
+        return {**(client_state or {}), "rank_state": {} if resume.reshaped else rng.get("loop", {})}
+
+    def _universal(self, found: Checkpoint) -> Path:
+        """All ranks: `found` converted by DeepSpeed's ds_to_universal (rank 0 converts once, into a temporary
+        name, then renames); returns the directory holding the converted tag."""
+        root = self.directory / UNIVERSAL
+        target = root / found.tag
+        if self.rank.is_main and not (target / "complete").is_file():
+            from argparse import Namespace
+
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            tmp = root / f".tmp-{found.tag}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(target, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            ds_to_universal(Namespace(input_folder=str(found.path), output_folder=str(tmp), num_extract_workers=1,
+                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                      inject_missing_state=True))
+            (tmp / "complete").write_text(json.dumps({"seconds": time.perf_counter() - started}))
+            fsync_tree(tmp)
+            os.rename(tmp, target)
+            fsync_dir(root)
+        barrier()
+        return root
+
+
+def fault_at(point: str, step: int, rank: RankInfo) -> bool:
+    """Test hook: PRIVLM_FAULT=POINT:STEP:RANK names where a test injects a fault."""
+    spec = os.environ.get("PRIVLM_FAULT", "")
+    if spec.count(":") != 2:
+        return False
+    where, at_step, at_rank = spec.split(":")
+    return where == point and int(at_step) == step and int(at_rank) == rank.rank
 
 
 def _maybe_inject_fault(point: str, step: int, rank: RankInfo) -> None:
-    """Test hook: PRIVLM_FAULT=during_checkpoint:STEP:RANK kills that rank there with SIGKILL."""
-    spec = os.environ.get("PRIVLM_FAULT", "")
-    if spec.count(":") != 2:
-        return
-    where, at_step, at_rank = spec.split(":")
-    if where == point and int(at_step) == step and int(at_rank) == rank.rank:
+    """PRIVLM_FAULT=during_checkpoint:STEP:RANK kills that rank there with SIGKILL."""
+    if fault_at(point, step, rank):
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)

@@ -99,3 +99,23 @@ def all_reduce_mean(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return (t / dist.get_world_size()).tolist()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum of a few scalars over all ranks, in one collective."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_reduce_max_many(values: list[float]) -> list[float]:
+    """Element-wise maximum of a few scalars over all ranks, in one collective."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()

@@ -16,14 +16,18 @@ def _offload(device: str, nvme_path: str | None) -> dict[str, Any]:
     return block
 
 
-def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
-    """Batch geometry, AdamW, warmup-cosine to a floor, ZeRO stage and offload, precision."""
+def deepspeed_config(recipe: Recipe, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+    """Batch geometry, AdamW, warmup-cosine to a floor, ZeRO stage and offload, precision, AutoTP.
+
+    `train_batch_size` counts data-parallel ranks only (world / (tensor x pipeline)); `load_universal`
+    loads a checkpoint converted by `ds_to_universal` (a resume on another data-parallel degree)."""
+    from jobs.recipe import parallel_problems
+
     t, ds = recipe.training, recipe.deepspeed
-    if t.global_batch_size % (t.micro_batch_size * world_size):
-        raise ValueError(
-            f"training.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x "
-            f"world size ({t.micro_batch_size} x {world_size}) of this launch"
-        )
+    problems = parallel_problems(recipe, world_size)
+    if problems:
+        raise ValueError(f"this launch has {world_size} ranks: " + "; ".join(problems))
+    data_parallel = world_size // recipe.parallel.model_parallel
     warmup = max(t.warmup_steps, 1)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer != "none":
@@ -33,7 +37,7 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
     config: dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * world_size),
+        "gradient_accumulation_steps": t.gradient_accumulation(data_parallel),
         "gradient_clipping": t.grad_clip,
         "optimizer": {
             "type": ds.optimizer.type,
@@ -63,6 +67,13 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
     }
     if ds.offload_optimizer != "none":
         config["zero_force_ds_cpu_optimizer"] = False
+    if recipe.parallel.tensor > 1:
+        config["tensor_parallel"] = {"autotp_size": recipe.parallel.tensor}
+        # DeepSpeed checks train_batch_size against the whole world before the TP mesh exists: leave it
+        # to be derived (micro batch x accumulation); our loop feeds each tensor group one data share
+        del config["train_batch_size"]
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     return _merge(config, ds.extra)
 
 

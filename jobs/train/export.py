@@ -25,13 +25,14 @@ def gathered_state_dict(module: Any, rank: RankInfo) -> dict[str, Any] | None:
     return None
 
 
-def export_full(module: Any, rank: RankInfo, out_dir: Path, tokenizer_dir: Path, lineage: dict[str, Any]) -> None:
-    """All ranks: write the trained model (not LoRA) to `out_dir` with its tokenizer."""
-    state = gathered_state_dict(module, rank)
+def export_full(model: Any, state: dict[str, Any] | None, rank: RankInfo, out_dir: Path, tokenizer_dir: Path,
+                lineage: dict[str, Any]) -> None:
+    """All ranks: write the trained model (not LoRA) to `out_dir` with its tokenizer; `state` is the full
+    state dict gathered on rank 0 (Runner.state_dict), `model` the Hugging Face model it belongs to."""
     if rank.is_main:
         tmp = out_dir.with_name(f".{out_dir.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         _finish(tmp, out_dir, tokenizer_dir, lineage)
     barrier()
 

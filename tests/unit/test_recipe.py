@@ -14,7 +14,7 @@ from tests.helpers import REPO, SMALL, merge, write_recipe
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate(path: Path) -> None:
     recipe = load_recipe(path)
-    assert recipe.training.gradient_accumulation_steps >= 1
+    assert recipe.gradient_accumulation_steps >= 1
     assert recipe.model.vocab_size >= recipe.tokenizer.vocab_size
 
 
@@ -96,9 +96,10 @@ def test_overrides_apply_before_validation(tmp_path: Path) -> None:
 
 def test_token_budget_sets_steps_and_accumulation_is_derived() -> None:
     data = merge(SMALL, {"training": {"max_steps": None, "token_budget": 10_000}})
-    t = parse_recipe(data).training
+    recipe = parse_recipe(data)
+    t = recipe.training
     assert t.tokens_per_step == 16 * 64 and t.total_steps == 10  # ceil(10000 / 1024)
-    assert t.gradient_accumulation_steps == 16 // (4 * 2)
+    assert recipe.gradient_accumulation_steps == 16 // (4 * 2)
 
 
 def test_deepspeed_config_passes_options_through() -> None:
@@ -113,3 +114,36 @@ def test_deepspeed_config_passes_options_through() -> None:
     assert cfg["activation_checkpointing"] == {"cpu": True}
     sched = cfg["scheduler"]["params"]
     assert sched["cos_min_ratio"] == pytest.approx(0.1) and sched["total_num_steps"] == 12
+
+
+@pytest.mark.parametrize(("sections", "fragments"), [
+    ({"parallel": {"tensor": 2, "pipeline": 2}, "training": {"processes_per_node": 4}},
+     ["parallel.tensor=2 with parallel.pipeline=2", "set one of them to 1"]),
+    ({"parallel": {"pipeline": 2}, "deepspeed": {"zero_stage": 2}},
+     ["deepspeed.zero_stage=2 with parallel.pipeline=2", "ZeRO 0 or 1", "zero_stage: 1"]),
+    ({"parallel": {"tensor": 2}, "deepspeed": {"zero_stage": 3}},
+     ["deepspeed.zero_stage=3 with parallel.tensor=2", "ZeRO 0, 1 or 2"]),
+    ({"parallel": {"tensor": 4}, "training": {"processes_per_node": 4}},
+     ["model.num_kv_heads=2 is not divisible by parallel.tensor=4"]),
+    ({"parallel": {"pipeline": 3}}, ["1 x 3 = 3", "does not divide", "world size"]),
+    ({"parallel": {"pipeline": 2}, "training": {"processes_per_node": 4, "global_batch_size": 12}},
+     ["training.global_batch_size=12", "micro_batch_size x data-parallel ranks", "4 x 2 = 8"]),
+    ({"parallel": {"pipeline": 4}, "training": {"processes_per_node": 4}}, ["more than model.num_layers=2"]),
+    ({"parallel": {"tensor": 2}, "finetune": {"base": "x", "method": "lora"}}, ["adapters train with data"]),
+    ({"training": {"early_stopping": {"patience": 2}}}, ["early_stopping needs eval_every"]),
+], ids=["tp-and-pp", "pp-zero2", "tp-zero3", "tp-heads", "indivisible", "pp-batch", "pp-layers", "tp-lora",
+        "early-stop-without-eval"])
+def test_unsupported_parallel_layouts_are_refused_with_the_fix(sections: dict, fragments: list[str]) -> None:
+    expect_error(merge(SMALL, sections), *fragments)
+
+
+def test_model_parallel_degrees_shrink_the_data_parallel_batch() -> None:
+    recipe = parse_recipe(merge(SMALL, {"parallel": {"tensor": 2}, "deepspeed": {"zero_stage": 2}}))
+    assert recipe.data_parallel == 1 and recipe.gradient_accumulation_steps == 4
+    cfg = deepspeed_config(recipe, world_size=2)
+    assert cfg["tensor_parallel"] == {"autotp_size": 2} and cfg["gradient_accumulation_steps"] == 4
+    assert "train_batch_size" not in cfg  # DeepSpeed would check it against all ranks, before the TP mesh
+    piped = parse_recipe(merge(SMALL, {"parallel": {"pipeline": 2}}))
+    assert deepspeed_config(piped, world_size=2, load_universal=True)["checkpoint"] == {"load_universal": True}
+    with pytest.raises(ValueError, match="this launch has 3 ranks"):
+        deepspeed_config(piped, world_size=3)

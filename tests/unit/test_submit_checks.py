@@ -76,3 +76,18 @@ def test_rank_environment_of_a_task_in_a_two_node_job() -> None:
     assert ranks == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "NODE_RANK": "1",
                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(rendezvous_port("4242"))}
     assert rendezvous_port("4242") != rendezvous_port("4243") and 29500 <= rendezvous_port("4242") < 39500
+
+
+def test_a_job_with_fewer_tasks_runs_the_recipe_resized(tmp_path) -> None:
+    from jobs.launch.slurm import SubmitError
+    from jobs.launch.submit import recipe_for_allocation
+    from tests.helpers import SMALL, merge, write_recipe
+
+    path = write_recipe(tmp_path / "r.yaml", merge(SMALL, {"training": {"nodes": 2, "processes_per_node": 2}}))
+    assert recipe_for_allocation(str(path), 2, 4).training.world_size == 4
+    fewer = recipe_for_allocation(str(path), 1, 2)  # requeued onto one node
+    assert (fewer.training.nodes, fewer.training.processes_per_node, fewer.training.global_batch_size) == (1, 2, 16)
+    odd = write_recipe(tmp_path / "odd.yaml", merge(SMALL, {"training": {"global_batch_size": 24, "nodes": 3,
+                                                                           "processes_per_node": 2}}))
+    with pytest.raises(SubmitError, match=r"(?s)got 4 tasks on 2 node.*global_batch_size=24"):
+        recipe_for_allocation(str(odd), 2, 4)
