@@ -83,7 +83,7 @@ def zero1_reference(tmp_path_factory: pytest.TempPathFactory, small_data: Path) 
     return root / "ref"
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [2, 3])  # ZeRO-1 reshapes through the same path as ZeRO-2
 def test_resume_on_another_world_size_sees_the_same_samples(stage: int, tmp_path: Path, small_data: Path,
                                                             zero1_reference: Path) -> None:
     """2 ranks to step 4, killed; 1 rank to step 8, killed; 2 ranks to the end (ZeRO partitions reshaped
