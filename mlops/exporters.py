@@ -34,6 +34,8 @@ from typing import Any, ClassVar
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from jobs.launch.slurm import gpus_in_gres
+
 FINAL_EVENTS = {"finished", "stopped"}
 # DCGM exporter's names for what GpuCollector exports.
 GPU_METRICS = {"util": "DCGM_FI_DEV_GPU_UTIL", "temp": "DCGM_FI_DEV_GPU_TEMP", "used": "DCGM_FI_DEV_FB_USED",
@@ -149,16 +151,6 @@ def run_command(cmd: list[str], timeout: float = 20) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return proc.stdout if proc.returncode == 0 else None
-
-
-def gpus_in_gres(gres: str) -> int:
-    """GPUs in a Slurm GRES string such as `gpu:h100:8(IDX:0-7),shard:0`; 0 when none."""
-    total = 0
-    for item in gres.split(","):
-        m = re.match(r"^gpu(?::[^:(]+)?:(\d+)", item.strip())
-        if m:
-            total += int(m.group(1))
-    return total
 
 
 class SampledCollector(Collector):
