@@ -97,12 +97,11 @@ def data_feedback(model: str = typer.Argument(..., help="registered model name w
     """Export well-rated production answers (PII-redacted, deduplicated) as a fine-tuning source."""
     import time
 
-    from mlops.feedback import FeedbackError, FeedbackStore
+    from mlops.feedback import FeedbackError, FeedbackStore, default_url
     from mlops.loop import export_feedback
-    from serving.settings import Feedback
 
     try:
-        store = FeedbackStore(feedback or Feedback().url)
+        store = FeedbackStore(feedback or default_url())
         since = time.time() - since_hours * 3600 if since_hours else None
         r = export_feedback(store, model, out, min_score, since, list(against))
     except FeedbackError as exc:

@@ -86,6 +86,7 @@ def promote(name: str, version: str = typer.Argument(None, help="version to make
             feedback: str = typer.Option(None, envvar="PRIVLM_FEEDBACK_URL",
                                          help="feedback store URL (default: the serving default)")) -> None:
     """`promote NAME VERSION` sets the challenger; `promote NAME --to champion` passes it through the gate."""
+    from mlops.feedback import default_url
     from mlops.promote import PromotionRefused, promote_challenger, promote_champion
     from mlops.registry import RegistryError
 
@@ -99,7 +100,7 @@ def promote(name: str, version: str = typer.Argument(None, help="version to make
         if to != "champion":
             _fail(ValueError(f"--to {to!r}: use challenger or champion"))
         d = promote_champion(name, {"metric": metric, "min_margin": min_margin}, reason,
-                             feedback_url=(feedback or _feedback_default()) if ab or feedback else None)
+                             feedback_url=(feedback or default_url()) if ab or feedback else None)
     except PromotionRefused as exc:
         typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(3) from None
@@ -107,12 +108,6 @@ def promote(name: str, version: str = typer.Argument(None, help="version to make
         _fail(exc)
     typer.echo(f"{name}: champion -> v{d.version} (was {d.previous or 'none'}): {d.reason}" if d.promoted
                else f"{name}: {d.reason}")
-
-
-def _feedback_default() -> str:
-    from serving.settings import Feedback
-
-    return Feedback().url
 
 
 @model_app.command("compare")
@@ -126,13 +121,13 @@ def compare(name: str,
     from rich.table import Table
 
     from mlops.compare import compare_versions
-    from mlops.feedback import FeedbackError, FeedbackStore
+    from mlops.feedback import FeedbackError, FeedbackStore, default_url
     from mlops.promote import policy_for
     from mlops.registry import RegistryError, alias_version
 
     try:
         champion, challenger = alias_version(name, "champion"), alias_version(name, "challenger")
-        store = FeedbackStore(feedback or _feedback_default())
+        store = FeedbackStore(feedback or default_url())
         since = time.time() - since_hours * 3600 if since_hours else None
         result = compare_versions(store, name, f"{name}/v{champion.version}", f"{name}/v{challenger.version}",
                                   policy_for(challenger).ab, since)
@@ -305,14 +300,14 @@ def loop_cmd(name: str,
     """One turn of the loop: promote an A/B winner, or retrain on feedback when a trigger fires."""
     from rich.console import Console
 
-    from mlops.feedback import FeedbackError, FeedbackStore
+    from mlops.feedback import FeedbackError, FeedbackStore, default_url
     from mlops.loop import Trigger, due, export_feedback, last_retrain, retrain
     from mlops.promote import PromotionRefused, promote_champion
     from mlops.registry import RegistryError, alias_version
     from mlops.tracking import client
 
     console = Console()
-    url = feedback or _feedback_default()
+    url = feedback or default_url()
     if not (on_drift or every_feedback or every_hours):
         _fail(ValueError("give a trigger: --on-drift, --every-feedback N or --every-hours H"))
     try:
@@ -332,12 +327,12 @@ def loop_cmd(name: str,
 
             champion = alias_version(name, "champion")
             drifted = measure(Prometheus(prometheus), champion, drift_policy_for(champion)).drifted
+        since = last_retrain(client(), name)
         why = due(Trigger(on_drift, every_feedback, every_hours * 3600 if every_hours else None), store, name,
-                  last_retrain(client(), name), drifted)
+                  since, drifted)
         if why is None:
             console.print(f"{name}: no retraining due")
             return
-        since = last_retrain(client(), name)
         out = Path("runs") / "feedback" / f"{name}-{int(time.time())}.jsonl"
         exported = export_feedback(store, name, out, min_score, since)
         console.print(f"{name}: retraining ({why}); {exported.kept} of {exported.considered} rated answers "

@@ -26,6 +26,7 @@ import re
 import statistics
 import subprocess
 import time
+from abc import abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,14 +172,16 @@ class SampledCollector(Collector):
             self._latest = self.sample()
             time.sleep(max(self.interval - (time.monotonic() - started), 0.1))
 
+    @abstractmethod
     def sample(self) -> Any:
-        raise NotImplementedError
+        """One reading (runs in the background thread)."""
 
     def collect(self) -> Iterator[Metric]:
         yield from self.families(self._latest)
 
+    @abstractmethod
     def families(self, sample: Any) -> Iterator[Metric]:
-        raise NotImplementedError
+        """The metric families of a reading (None before the first one)."""
 
 
 class SlurmCollector(SampledCollector):

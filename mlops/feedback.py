@@ -41,6 +41,13 @@ FEEDBACK = sa.Table(
 )
 
 
+def default_url() -> str:
+    """The serving settings' default store (runs/serving/feedback.db), for the CLIs."""
+    from serving.settings import Feedback
+
+    return Feedback().url
+
+
 class FeedbackError(ValueError):
     """A store that cannot be opened, or feedback for an answer it does not hold."""
 
@@ -104,10 +111,14 @@ class FeedbackStore:
         if answer is None:
             raise FeedbackError(f"id={response_id!r}: no answer with this id is on record (feedback refers to the "
                                 "`id` of a completion this endpoint returned)")
+        self.rate(response_id, score, caller, correction)
+        return answer
+
+    def rate(self, response_id: str, score: float, caller: str, correction: str | None = None) -> None:
+        """Store a rating of an answer the caller has already looked up (`response`)."""
         with self.engine.begin() as conn:
             conn.execute(FEEDBACK.insert().values(response_id=response_id, score=score, correction=correction,
                                                   caller=caller, created=time.time()))
-        return answer
 
     def rated(self, model: str | None = None, versions: list[str] | None = None,
               since: float | None = None) -> list[Rated]:

@@ -169,13 +169,12 @@ def _ab_gate(name: str, champion: Any, challenger: Any, policy: PromotionPolicy,
              feedback_url: str | None) -> tuple[bool, str, Any]:
     """The A/B verdict on production feedback: (challenger wins, explanation with the numbers, comparison)."""
     from mlops.compare import compare_versions
-    from mlops.feedback import FeedbackStore
-    from serving.settings import Feedback
+    from mlops.feedback import FeedbackStore, default_url
 
     refused = _quantization_refusal(challenger, policy)
     if refused:
         return False, refused, None
-    store = FeedbackStore(feedback_url or Feedback().url)
+    store = FeedbackStore(feedback_url or default_url())
     ab = compare_versions(store, name, f"{name}/v{champion.version}", f"{name}/v{challenger.version}", policy.ab)
     return ab.challenger_wins, f"A/B: {ab.verdict()}", ab
 

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
-from mlops.feedback import FeedbackError, FeedbackStore, score_of
+from mlops.feedback import FeedbackStore, score_of
 from serving.api import ApiError, ChatRequest, CompletionRequest, FeedbackRequest, engine_request, invalid, parse
 from serving.auth import ANONYMOUS, Authenticator, Caller, env_key_hashes
 from serving.engine import Served, ServingError, check_quantization, group, llm_deployment, resolve, served_name, slug
@@ -167,9 +167,7 @@ class Gateway:
             answer = await asyncio.to_thread(self.store.response, req.id)
             if answer is None or not caller.may_use(answer["model"]):
                 raise ApiError(404, f"id={req.id!r}: no answer with this id is on record", "not_found", param="id")
-            await asyncio.to_thread(self.store.add, req.id, score, caller.id, req.correction)
-        except FeedbackError as exc:
-            return JSONResponse(ApiError(404, str(exc), "not_found", param="id").body(), 404)
+            await asyncio.to_thread(self.store.rate, req.id, score, caller.id, req.correction)
         except ApiError as err:
             return JSONResponse(err.body(), err.status, headers=err.headers)
         self.metrics.feedback.labels(answer["version"], answer["arm"]).observe(score)
