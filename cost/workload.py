@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from jobs.train.schedule import young_daly_interval
+
 
 def training_flops(params: float, tokens: float) -> float:
     """Dense transformer training compute: 6 FLOPs per parameter per token (forward 2, backward 4)."""
@@ -27,11 +29,6 @@ def gpu_hours(flops: float, peak_tflops: float, mfu: float) -> float:
 def gpu_hours_from_throughput(tokens: float, tokens_per_s_per_gpu: float) -> float:
     """GPU-hours from a measured throughput (the calibrated path)."""
     return tokens / tokens_per_s_per_gpu / 3600.0
-
-
-def young_daly_interval(checkpoint_s: float, mtbf_s: float) -> float:
-    """The checkpoint interval that minimises lost work: sqrt(2·δ·M) (Young 1974, Daly 2006)."""
-    return math.sqrt(2.0 * checkpoint_s * mtbf_s)
 
 
 @dataclass(frozen=True)

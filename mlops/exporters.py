@@ -1,7 +1,7 @@
 """Prometheus exporters of ours, each `python -m mlops.exporters KIND --port P`:
 
 jobs    training runs: step time, tokens/s, MFU, loss, checkpoint age, from each run directory's
-        metrics.jsonl and checkpoint `latest` pointer (jobs/train/metrics.py, checkpoint.py): no change
+        metrics.jsonl and checkpoint `latest` pointer (read through jobs/run_dir.py): no change
         to the training code, and it works for jobs on any executor.
 slurm   queue length by state and partition, node states, drained nodes with their reason, GPUs
         allocated per node, from `squeue`/`sinfo` (Debian 12 packages no Slurm exporter).
@@ -12,7 +12,7 @@ gpu     GPU utilisation, temperature, memory and power through nvidia-ml-py, und
 
 Each is a prometheus_client custom collector: jobs and gpu read at scrape time; slurm and health
 sample in a background thread (their commands may hang) and a scrape serves the latest sample.
-Only the standard library and prometheus_client are imported (nvidia-ml-py lazily).
+Only the standard library, prometheus_client and our run-directory reader are imported (nvidia-ml-py lazily).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import glob
 import itertools
 import json
 import os
-import re
 import statistics
 import subprocess
 import time
@@ -36,6 +35,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from jobs.launch.slurm import gpus_in_gres
+from jobs.run_dir import RunDir
 
 FINAL_EVENTS = {"finished", "stopped"}
 # DCGM exporter's names for what GpuCollector exports.
@@ -66,12 +66,8 @@ def read_run(run_dir: Path, checkpoint_dir: str = "checkpoints") -> RunState:
     """Fold metrics.jsonl (from its last `start` record: the current attempt) and the `latest` pointer."""
     state = RunState(run=run_dir.name)
     previous: dict | None = None
-    lines = (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines()
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line being written
+    run = RunDir.at(run_dir, checkpoint_dir)
+    for rec in run.records():
         event = rec.get("event")
         state.last_record_time = rec.get("time", state.last_record_time)
         if event == "start":
@@ -90,12 +86,8 @@ def read_run(run_dir: Path, checkpoint_dir: str = "checkpoints") -> RunState:
     marks = ([state.started] if state.started else []) + state.checkpoint_times
     gaps = [b - a for a, b in itertools.pairwise(marks) if b > a]
     state.checkpoint_interval_s = statistics.median(gaps) if gaps else None
-    latest = run_dir / checkpoint_dir / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        state.checkpoint_time = latest.stat().st_mtime
-        if m := re.match(r"^step-(\d+)$", tag):
-            state.checkpoint_step = int(m.group(1))
+    if (found := run.last_checkpoint()) is not None:
+        state.checkpoint_step, state.checkpoint_time = found
     return state
 
 
@@ -107,7 +99,7 @@ class JobsCollector(Collector):
         self.checkpoint_dir = checkpoint_dir
 
     def run_dirs(self) -> list[Path]:
-        found = {Path(p) for g in self.run_globs for p in glob.glob(g) if (Path(p) / "metrics.jsonl").is_file()}
+        found = {Path(p) for g in self.run_globs for p in glob.glob(g) if RunDir.at(p).metrics_file.is_file()}
         return sorted(found)
 
     def collect(self) -> Iterator[Metric]:

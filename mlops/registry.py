@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.recipe import load_recipe
+from jobs.run_dir import RunDir
 from mlops.tracking import client, experiment_id, tracking_uri
 
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]
@@ -33,9 +34,9 @@ class Registered:
 
 def lineage_tags(run_dir: Path) -> dict[str, str]:
     """Recipe, data, commit, step and parent model of an exported model, as version tags."""
-    model_dir = run_dir / "model"
-    lineage = json.loads((model_dir / "privlm.json").read_text())
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    run = RunDir.at(run_dir)
+    model_dir, lineage = run.model_dir, run.lineage() or {}
+    recipe = load_recipe(run.recipe_file)
     tags = {
         "privlm.recipe": recipe.name,
         "privlm.recipe_fingerprint": lineage.get("recipe_fingerprint") or "",
@@ -44,7 +45,7 @@ def lineage_tags(run_dir: Path) -> dict[str, str]:
         "privlm.git_commit": lineage.get("git_commit") or "unknown",
         "privlm.step": str(lineage.get("step")),
         "privlm.model_dir": str(model_dir.resolve()),
-        "privlm.recipe_yaml": (run_dir / "recipe.yaml").read_text()[:5000],
+        "privlm.recipe_yaml": run.recipe_file.read_text()[:5000],
         "privlm.weights_sha256": _weights_digest(model_dir),
     }
     if lineage.get("eval_loss") is not None:
@@ -70,9 +71,10 @@ def find_version_by_model_dir(mlflow_client: Any, model_dir: str) -> Any | None:
 def register_run(run_dir: Path, name: str | None = None, uri: str | None = None) -> Registered:
     """Log `run_dir/model` as an MLflow transformers model in its training run and register a version."""
     run_dir = Path(run_dir)
-    if not (run_dir / "model" / "privlm.json").is_file():
-        raise RegistryError(f"{run_dir}/model is not an exported privlm model; finish `privlm train run` first")
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    run = RunDir.at(run_dir)
+    if run.lineage() is None:
+        raise RegistryError(f"{run.model_dir} is not an exported privlm model; finish `privlm train run` first")
+    recipe = load_recipe(run.recipe_file)
     name = name or recipe.model_name
     uri = uri or tracking_uri()
     mlflow_client = client(uri)
@@ -86,7 +88,7 @@ def register_run(run_dir: Path, name: str | None = None, uri: str | None = None)
         return Registered(name=name, version=str(existing.version), run_id=existing.run_id, tags=tags,
                           reused=True)
     run_id = _training_run_id(run_dir) or _new_run(mlflow_client, recipe)
-    model_uri, model_id = _log_model(run_dir / "model", run_id, uri)
+    model_uri, model_id = _log_model(run.model_dir, run_id, uri)
     _ensure_registered_model(mlflow_client, name)
     mv = mlflow_client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id)
     return Registered(name=name, version=str(mv.version), run_id=run_id, tags=tags)
@@ -97,9 +99,10 @@ def register_adapter(run_dir: Path, name: str | None = None, uri: str | None = N
     """Register a LoRA run's adapter (`run_dir/adapter`, not merged) as a version served on its base version
     (`base_version`, or the registered version exported to the run's `finetune.base`)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "adapter" / "adapter_config.json").is_file():
-        raise RegistryError(f"{run_dir}/adapter holds no LoRA adapter; only `finetune.method: lora` runs have one")
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    run = RunDir.at(run_dir)
+    if not (run.adapter_dir / "adapter_config.json").is_file():
+        raise RegistryError(f"{run.adapter_dir} holds no LoRA adapter; only `finetune.method: lora` runs have one")
+    recipe = load_recipe(run.recipe_file)
     uri = uri or tracking_uri()
     tags = lineage_tags(run_dir)
     parent = (get_version(name, base_version, uri) if name and base_version else
@@ -108,7 +111,7 @@ def register_adapter(run_dir: Path, name: str | None = None, uri: str | None = N
         raise RegistryError(f"the base model of {run_dir} ({tags.get('privlm.base_model_dir')}) is not registered; "
                             "register the pretraining run first")
     run_id = _training_run_id(run_dir) or _new_run(client(uri), recipe)
-    return log_adapter(run_dir / "adapter", name or parent.name, str(parent.version), run_id, uri, tags)
+    return log_adapter(run.adapter_dir, name or parent.name, str(parent.version), run_id, uri, tags)
 
 
 def log_adapter(adapter_dir: Path, name: str, base_version: str, run_id: str, uri: str | None = None,
@@ -130,7 +133,7 @@ def log_adapter(adapter_dir: Path, name: str, base_version: str, run_id: str, ur
 
 
 def _training_run_id(run_dir: Path) -> str | None:
-    state = run_dir / "tracking" / "state.json"
+    state = RunDir.at(run_dir).tracking_dir / "state.json"
     return json.loads(state.read_text()).get("run_id") if state.is_file() else None
 
 

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from jobs.files import atomic_write_text
+from jobs.launch.preemption import REQUEUE_SIGNAL
 from jobs.recipe import Recipe
+from jobs.run_dir import RunDir
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD"}
 
@@ -116,30 +118,10 @@ def state(rec: JobRecord) -> dict[str, Any]:
             info["state"] = _sacct_state(rec) or "UNKNOWN (purged; no accounting)"
     else:
         info["state"] = _local_state(rec)
-    run = Path(rec.run_dir)
-    info["resumes"] = run_progress(run)[2]
-    info["last_checkpoint"] = last_checkpoint_step(run)
+    run = RunDir.at(rec.run_dir)
+    info["resumes"] = run.progress()[2]
+    info["last_checkpoint"] = run.last_checkpoint_step()
     return info
-
-
-def run_progress(run_dir: Path) -> tuple[int, float | None, int]:
-    """Last logged step and loss, and how often the run resumed, from its metrics.jsonl."""
-    step, loss, resumes = 0, None, 0
-    for line in _lines(Path(run_dir) / "metrics.jsonl"):
-        record = json.loads(line)
-        if "loss" in record:
-            step, loss = record["step"], record["loss"]
-        resumes += record.get("event") == "start" and bool(record.get("resumed"))
-    return step, loss, resumes
-
-
-def last_checkpoint_step(run_dir: Path) -> int | None:
-    """Step of the run's published checkpoint (the `latest` pointer of any checkpoint directory below it)."""
-    for latest in sorted(run_dir.glob("**/latest")):
-        m = re.match(r"step-(\d+)$", latest.read_text().strip())
-        if m:
-            return int(m.group(1))
-    return None
 
 
 def _lines(path: Path) -> list[str]:
@@ -176,7 +158,8 @@ def preempt(rec: JobRecord) -> int:
     controller's children, which are the ranks (the controller itself would die of the signal).
     """
     if rec.executor == "slurm":
-        subprocess.run(["scancel", "--signal=USR2", rec.job_id], check=True, env=_slurm_env(rec), timeout=30)
+        signal_name = REQUEUE_SIGNAL.name.removeprefix("SIG")
+        subprocess.run(["scancel", f"--signal={signal_name}", rec.job_id], check=True, env=_slurm_env(rec), timeout=30)
         return 1
     import psutil
 
@@ -185,5 +168,5 @@ def preempt(rec: JobRecord) -> int:
     except psutil.NoSuchProcess:
         return 0
     for rank in ranks:
-        rank.send_signal(signal.SIGUSR2)
+        rank.send_signal(REQUEUE_SIGNAL)
     return len(ranks)

@@ -6,14 +6,13 @@ pending forever on a partition that cannot run it, or dies at its time limit wit
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 
 from jobs.recipe import Recipe
+from jobs.run_dir import RunDir
 
 
 class SubmitError(ValueError):
@@ -88,19 +87,6 @@ def partitions() -> dict[str, Partition]:
     return found
 
 
-def measured_step_seconds(run_dir: Path) -> float | None:
-    """Seconds per optimizer step of this run's last logged interval (metrics.jsonl), if it ran before."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    step_s = None
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        if record.get("tokens_per_s") and record.get("step"):
-            step_s = record["tokens"] / record["step"] / record["tokens_per_s"]
-    return step_s
-
-
 def gpus_per_node(recipe: Recipe, partition: Partition | None) -> int:
     """--gres=gpu:N: the recipe's value, else one per rank on a GPU partition and none on a CPU one."""
     if recipe.slurm.gpus_per_node is not None:
@@ -156,7 +142,7 @@ def check_time_limit(recipe: Recipe) -> list[str]:
                 f"slurm.signal_delay_s={s.signal_delay_s}s before the limit; raise the limit or lower the delay"]
     if recipe.checkpoint.interval == "auto":
         return []
-    step_s = measured_step_seconds(recipe.run_path) or s.expected_step_s
+    step_s = RunDir.of(recipe).step_seconds() or s.expected_step_s
     if step_s is None:
         return []
     interval_s = recipe.checkpoint.interval * step_s

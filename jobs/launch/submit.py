@@ -2,7 +2,7 @@
 
 Each Slurm task is one rank. It reads RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous address from
 submitit's `JobEnvironment`, then runs the trainer in-process. The trainer owns the stop signals while it
-runs; when it returns, the outcome decides what happens to the job:
+runs; when it returns, its exit code (jobs/launch/preemption.py) decides what happens to the job:
 
     0                    done: the result (final step, loss, model directory) is the job's result
     128+SIGUSR2          preempted, timed out (Slurm's --signal) or a spot notice: the checkpoint is written,
@@ -13,7 +13,6 @@ runs; when it returns, the outcome decides what happens to the job:
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -23,7 +22,7 @@ from typing import Any
 
 import submitit
 
-from jobs.launch.records import run_progress
+from jobs.launch.preemption import REQUEUE, REQUEUE_SIGNAL, StopRequest, stopped_code
 from jobs.launch.slurm import (
     SubmitError,
     check_fits,
@@ -34,9 +33,7 @@ from jobs.launch.slurm import (
     sbatch_options,
 )
 from jobs.recipe import Recipe, load_recipe
-
-REQUEUE_SIGNAL = signal.SIGUSR2  # submitit's preemption signal (SUBMITIT_PREEMPT_SIGNAL)
-HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+from jobs.run_dir import RunDir
 
 
 def rendezvous_port(job_id: str) -> int:
@@ -67,17 +64,16 @@ class TrainJob(submitit.helpers.Checkpointable):
         recipe = recipe_for_allocation(self.recipe_file, env.num_nodes, env.num_tasks)
         os.environ.update(rank_environment(env))
         print(f"[privlm] {env}: rendezvous {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
-        submitit_handlers = {s: signal.getsignal(s) for s in HANDLED}
+        submitit_handlers = StopRequest.current()
         from jobs.train.engine import train
 
         code = train(recipe)
-        for s, handler in submitit_handlers.items():
-            signal.signal(s, handler)
+        StopRequest.restore(submitit_handlers)
         if code == 0:
             return result_of(recipe)
-        if code == 128 + REQUEUE_SIGNAL:
+        if code == REQUEUE:
             self._requeue(env, submitit_handlers[REQUEUE_SIGNAL])
-        if code == 128 + signal.SIGTERM:
+        if code == stopped_code(signal.SIGTERM):
             # submitit's _interrupt() and Slurm send TERM, then the preemption signal: give it a moment
             time.sleep(3)
             raise SystemExit(code)
@@ -116,11 +112,11 @@ def recipe_for_allocation(recipe_file: str, nodes: int, tasks: int) -> Recipe:
 
 def result_of(recipe: Recipe) -> dict[str, Any]:
     """What a finished job returns: final step, last logged loss, held-out loss of the exported model, resumes."""
-    step, loss, resumes = run_progress(recipe.run_path)
-    summary = recipe.run_path / "summary.json"
-    eval_loss = json.loads(summary.read_text()).get("eval_loss") if summary.is_file() else None
+    run = RunDir.of(recipe)
+    step, loss, resumes = run.progress()
+    eval_loss = (run.summary() or {}).get("eval_loss")
     return {"name": recipe.name, "step": step, "loss": loss, "eval_loss": eval_loss, "resumes": resumes,
-            "model_dir": str((recipe.run_path / "model").resolve())}
+            "model_dir": str(run.model_dir.resolve())}
 
 
 def executor_for(recipe: Recipe, kind: str, folder: Path) -> submitit.Executor:
@@ -190,12 +186,12 @@ def follow(job: Any, recipe: Recipe, console: Any = None) -> list[dict[str, Any]
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("train", total=total, status="queued")
         while not job.done():
-            step, loss, resumes = run_progress(recipe.run_path)
+            step, loss, resumes = RunDir.of(recipe).progress()
             status = (f"loss {loss:.3f}" if loss is not None else "starting") + (f", resumed x{resumes}"
                                                                                  if resumes else "")
             bar.update(task, completed=step, status=status)
             time.sleep(0.5)
-        step, loss, _ = run_progress(recipe.run_path)
+        step, loss, _ = RunDir.of(recipe).progress()
         bar.update(task, completed=step, status=f"loss {loss:.3f}" if loss is not None else "")
     try:
         return job.results()

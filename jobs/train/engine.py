@@ -18,37 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from jobs.launch.preemption import DIVERGED, FINISHED, REFUSED, REQUEUE_SIGNAL, StopRequest, stopped_code
 from jobs.recipe import Recipe, load_recipe
+from jobs.run_dir import RunDir
 from jobs.train import checkpoint as ckpt
-from jobs.train.distributed import RankInfo, all_reduce_max, all_reduce_max_many, all_reduce_mean, init_distributed
+from jobs.train.distributed import RankInfo, all_reduce_max, all_reduce_mean, init_distributed
 from jobs.train.metrics import MetricsWriter, StepProgress, ThroughputMeter, format_step, peak_flops
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
-
-
-# When several stop signals arrive (Slurm preemption: USR2 then TERM; submitit's _interrupt: TERM then USR2),
-# the one asking for a requeue wins, so every rank agrees on it whatever order each saw them in.
-PRECEDENCE = {0: 0, signal.SIGINT: 1, signal.SIGTERM: 2, signal.SIGUSR1: 3, signal.SIGUSR2: 4}
-BY_PRECEDENCE = {v: k for k, v in PRECEDENCE.items()}
-
-
-class StopRequest:
-    """Remembers the strongest stop signal; the loop acts on it at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        for s in STOP_SIGNALS:
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        if PRECEDENCE[signum] >= PRECEDENCE[self.signum]:
-            self.signum = signum
-
-    def agreed_with(self, bad: bool) -> tuple[int, bool]:
-        """(strongest stop signal any rank has seen, whether any rank's step diverged): one collective that
-        every rank calls each step."""
-        precedence, diverged = all_reduce_max_many([PRECEDENCE[self.signum], float(bad)])
-        return int(BY_PRECEDENCE[int(precedence)]), diverged > 0
+from jobs.train.schedule import CheckpointSchedule
 
 
 @dataclass
@@ -86,20 +62,18 @@ class Position:
 
 def train(recipe: Recipe) -> int:
     """Train one rank to the end (exit 0), to a stop signal (checkpoint, exit 128+signal), or until the
-    divergence guard gives up (exit 3)."""
+    divergence guard gives up (exit 3); the codes are jobs/launch/preemption.py's."""
     t_start = time.perf_counter()
     stop = StopRequest()
     rank = init_distributed(recipe.training.threads_per_process)
     _quiet_libraries()
-    log = _logger(rank)
-    t = recipe.training
+    log, run, t = _logger(rank), RunDir.of(recipe), recipe.training
+    if rank.is_main:
+        run.publish()
 
-    from jobs.data.pack import PackedDataset, ResumableSampler
     from jobs.train.parallel import Layout, Runner
 
-    train_data = PackedDataset(recipe.data_path, "train")
-    eval_data = _eval_split(recipe)
-    _check_data(recipe, train_data)
+    data = TrainData(recipe)
     layout = Layout.of(recipe, rank)
     manager = ckpt.CheckpointManager(recipe.checkpoint_path, rank, keep=recipe.checkpoint.keep,
                                      checksums=recipe.checkpoint.verify_checksums, exclude_frozen=_is_lora(recipe))
@@ -108,142 +82,226 @@ def train(recipe: Recipe) -> int:
         resume = manager.find(rank.world_size, _layout_meta(layout), _data_fingerprint(recipe))
     except ckpt.CheckpointError as refused:
         log(f"cannot resume: {refused}")
-        return 2
-    model, total = _build(recipe, rank, train_data.eos_id)
+        return REFUSED
+    model, total = _build(recipe, rank, data.train.eos_id)
     runner = Runner(recipe, rank, model, load_universal=resume is not None and resume.universal)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    ga = t.gradient_accumulation(layout.data)
     log(f"model: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
         f"ZeRO-{recipe.deepspeed.zero_stage} {recipe.deepspeed.precision}, {rank.world_size} ranks on {rank.device} "
-        f"({layout.describe()}), gradient accumulation {ga}")
+        f"({layout.describe()}), gradient accumulation {t.gradient_accumulation(layout.data)}")
 
-    pos, loop, t_load = Position(), {}, time.perf_counter()
-    if resume is not None:
-        state = manager.load(runner.engine, resume)
-        pos, loop = Position.restore(state, t.global_batch_size), state["rank_state"]
-        how = f", reshaped from {resume.checkpoint.meta['world_size']} ranks" if resume.reshaped else ""
-        log(f"resumed from {resume.checkpoint.path} at step {pos.step} ({pos.samples:,} samples, {pos.tokens:,} "
-            f"tokens seen{how}) in {time.perf_counter() - t_load:.2f}s")
-    load_seconds = time.perf_counter() - t_load
-    if (pos.step >= t.total_steps or pos.finished) and _already_exported(recipe, pos):
-        log(f"already trained to step {pos.step}; model in {recipe.run_path / 'model'} (nothing to do)")
-        return 0
-    interval, interval_is_provisional = _checkpoint_interval(recipe), recipe.checkpoint.interval == "auto"
-    watcher = _spot_watcher(recipe, rank, stop)
+    pos, loop, load_seconds = _resume(manager, runner, resume, t.global_batch_size, log)
+    if (pos.step >= t.total_steps or pos.finished) and _already_exported(run, pos):
+        log(f"already trained to step {pos.step}; model in {run.model_dir} (nothing to do)")
+        return FINISHED
+    s = _Session(recipe, rank, data, runner, manager, sync, _spot_watcher(recipe, rank, stop))
+    s.begin(pos, loop, resume, load_seconds, total)
 
-    from jobs.train.model import flops_per_token
-
-    peak, peak_source = peak_flops(rank.device, recipe.deepspeed.precision)
-    meter = ThroughputMeter(flops_per_token(recipe.model, total, t.sequence_length), peak * rank.world_size)
-    tracker = _tracker(recipe, rank, pos.step if resume is not None else None, total)
-    metrics = MetricsWriter(recipe.run_path / "metrics.jsonl", enabled=rank.is_main, tracker=tracker)
-    metrics.write({"event": "start", "step": pos.step, "samples": pos.samples, "resumed": resume is not None,
-                   "reshaped": bool(resume and resume.reshaped), "load_seconds": load_seconds,
-                   "peak_flops_per_rank": peak, "peak_source": peak_source, "world_size": rank.world_size,
-                   "layout": _layout_meta(layout), "params": total})
-    progress = StepProgress(t.total_steps, pos.step, enabled=rank.is_main)
-    log = progress.log if rank.is_main else log
-    sampler = ResumableSampler(len(train_data), t.seed)
-    samples_log = _SampleLog(recipe, rank, layout) if t.record_samples else None
-    guard = _Guard(recipe)
-    # the running loss of the current log interval: restored, so a resume inside an interval logs the same mean
-    loss_sum, loss_count = float(loop.get("loss_sum", 0.0)), int(loop.get("loss_count", 0))
-    step_started, exit_code = time.perf_counter(), 0
-
-    def save(best: bool = False) -> None:
-        nonlocal interval, interval_is_provisional
-        manager.save(runner.engine, pos.step, pos.client_state(), {**_meta(recipe, pos, layout), "best": best},
-                     {"loss_sum": loss_sum, "loss_count": loss_count})
-        metrics.write({"event": "checkpoint", "step": pos.step, "seconds": manager.last_save_seconds,
-                       "bytes": manager.last_save_bytes, "best": best})
-        if tracker is not None:
-            tracker.checkpoint(pos.step, recipe.checkpoint_path / ckpt.tag_for(pos.step), manager.last_save_bytes)
-        if sync is not None:
-            sync.submit(recipe.checkpoint_path / ckpt.tag_for(pos.step))
-        if interval_is_provisional:  # every rank must pick the same interval: agree on the slowest write and step
-            interval = _young_daly_steps(recipe, all_reduce_max(manager.last_save_seconds),
-                                         all_reduce_max(step_seconds), log)
-            interval_is_provisional = False
-        log(f"checkpoint step {pos.step} published in {manager.last_save_seconds:.2f}s "
-            f"({manager.last_save_bytes / 1e6:.1f} MB)")
-
-    while pos.step < t.total_steps:
-        start = pos.next_batch_start(t.global_batch_size)
-        micro = [sampler.indices(start + m * t.micro_batch_size * layout.data + layout.data_rank * t.micro_batch_size,
-                                 t.micro_batch_size) for m in range(ga)]
-        scale = float("nan") if ckpt.fault_at("bad_batch", start // t.global_batch_size + 1, rank) else 1.0
-        step_loss, micro_count, norm_before = runner.train_step([train_data.get_blocks(i) for i in micro], scale)
-        signum, bad = stop.agreed_with(guard.judge(step_loss / micro_count))
+    while s.pos.step < t.total_steps:
+        loss, micro_count, norm_before = s.train_step()
+        signum, bad = stop.agreed(s.guard.judge(loss / micro_count))
         if bad:
-            if pos.rollbacks >= t.guard.max_rollbacks or ckpt.find_latest(recipe.checkpoint_path) is None:
-                log(f"step {pos.step + 1}: loss {step_loss / micro_count} diverged and cannot be rolled back "
-                    f"(rollbacks {pos.rollbacks}/{t.guard.max_rollbacks}); stopping")
-                metrics.write({"event": "guard", "step": pos.step + 1, "action": "gave_up"})
-                exit_code = 3
-                break
-            pos, loss_sum, loss_count = _roll_back(manager, runner, pos, t.global_batch_size, log, metrics,
-                                                   step_loss / micro_count)
+            if not s.roll_back(loss / micro_count):
+                return s.close(DIVERGED)
             continue
-        if samples_log is not None:
-            samples_log.write(pos.step + 1, micro)
-        pos.step, pos.tokens, pos.samples = pos.step + 1, pos.tokens + t.tokens_per_step, start + t.global_batch_size
-        loss_sum, loss_count = loss_sum + step_loss, loss_count + micro_count
-        step_seconds, step_started = time.perf_counter() - step_started, time.perf_counter()
-        meter.add(t.tokens_per_step)
-        progress.advance(pos.step)
-
-        if pos.step % t.log_every == 0 or pos.step == t.total_steps:
-            mean_loss, = all_reduce_mean([loss_sum / loss_count])
-            record = {"step": pos.step, "loss": mean_loss, "lr": runner.engine.get_lr()[0], "tokens": pos.tokens,
-                      "samples": pos.samples, "grad_norm": runner.grad_norm(norm_before), **meter.report()}
-            metrics.write(record)
-            log(format_step(record, t.total_steps))
-            progress.advance(pos.step, f"loss {record['loss']:.3f}")
-            loss_sum, loss_count = 0.0, 0
-        improved = stop_early = False
-        if eval_data is not None and t.eval_every and pos.step % t.eval_every == 0:
-            improved, stop_early = _validate(recipe, runner, eval_data, pos, metrics, log)
-        if pos.step % interval == 0 or signum or pos.step == t.total_steps or improved or stop_early:
-            pos.finished = stop_early or pos.step == t.total_steps
-            save(best=improved)
+        s.advance(loss, micro_count, norm_before)
+        improved, stop_early = s.validate() if s.eval_due() else (False, False)
+        if s.schedule.due(s.pos.step, stopping=bool(signum), improved=improved, ending=stop_early):
+            s.save(best=improved, finished=stop_early or s.pos.step == t.total_steps)
         if signum:
-            log(f"stopping on {signal.Signals(signum).name} after step {pos.step}; rerun the same command to resume")
-            progress.stop()
-            metrics.write({"event": "stopped", "step": pos.step, "signal": signum})
-            metrics.close("KILLED", {"step": pos.step})
-            _finish_background(sync, watcher)
-            return 128 + signum
+            s.log(f"stopping on {signal.Signals(signum).name} after step {s.pos.step}; rerun the same command "
+                  "to resume")
+            s.metrics.write({"event": "stopped", "step": s.pos.step, "signal": signum})
+            return s.close(stopped_code(signum))
         if stop_early:
-            log(f"early stopping at step {pos.step}: no improvement for {pos.evals_since_best} evaluations; "
-                f"best eval loss {pos.best_loss:.4f} at step {pos.best_step}")
+            s.log(f"early stopping at step {s.pos.step}: no improvement for {s.pos.evals_since_best} evaluations; "
+                  f"best eval loss {s.pos.best_loss:.4f} at step {s.pos.best_step}")
             break
 
-    progress.stop()
-    _finish_background(sync, watcher)
-    if exit_code:
-        metrics.close("FAILED", {"step": pos.step})
-        return exit_code
-    final_step = pos.step
-    if t.early_stopping is not None and pos.best_step not in (None, pos.step):  # export the best validated weights
-        best = ckpt.Checkpoint(recipe.checkpoint_path / ckpt.tag_for(pos.best_step), {})
-        best.meta = ckpt.verify(best.path, recipe.checkpoint.verify_checksums)
-        rollbacks, skips = pos.rollbacks, pos.skips
-        pos = Position.restore(manager.load(runner.engine, ckpt.Resume(best, False, False)), t.global_batch_size)
-        pos.rollbacks, pos.skips = rollbacks, skips
-    eval_loss = runner.eval_loss(eval_data) if eval_data is not None else None
-    _export(recipe, runner, rank, pos, layout, eval_loss)
-    summary = {"event": "finished", "step": final_step, "exported_step": pos.step, "tokens": pos.tokens,
-               "samples": pos.samples, "eval_loss": eval_loss,
+    s.close(FINISHED)
+    final_step = s.pos.step
+    if t.early_stopping is not None and s.pos.best_step not in (None, s.pos.step):
+        s.restore_best()  # export the best validated weights
+    eval_loss = runner.eval_loss(data.eval) if data.eval is not None else None
+    _export(recipe, runner, rank, s.pos, layout, eval_loss)
+    summary = {"event": "finished", "step": final_step, "exported_step": s.pos.step, "tokens": s.pos.tokens,
+               "samples": s.pos.samples, "eval_loss": eval_loss,
                "eval_perplexity": float(np.exp(eval_loss)) if eval_loss is not None else None,
-               "best_step": pos.best_step, "early_stopped": final_step < t.total_steps,
-               "guard_rollbacks": pos.rollbacks, "skipped_batches": len(pos.skips),
-               "wall_seconds": time.perf_counter() - t_start, "model_dir": str(recipe.run_path / "model")}
-    metrics.write(summary)
-    metrics.close("FINISHED", {k: v for k, v in summary.items() if k not in ("event",) and v is not None})
+               "best_step": s.pos.best_step, "early_stopped": final_step < t.total_steps,
+               "guard_rollbacks": s.pos.rollbacks, "skipped_batches": len(s.pos.skips),
+               "wall_seconds": time.perf_counter() - t_start, "model_dir": str(run.model_dir)}
+    s.metrics.write(summary)
+    s.metrics.close("FINISHED", {k: v for k, v in summary.items() if k not in ("event",) and v is not None})
     if rank.is_main:
-        (recipe.run_path / "summary.json").write_text(json.dumps(summary, indent=1))
+        run.write_summary(summary)
     log(f"done: model in {summary['model_dir']}, eval loss {eval_loss}")
-    return 0
+    return FINISHED
+
+
+class TrainData:
+    """The prepared splits and the resumable sampler: which blocks each rank trains on for a data position."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        from jobs.data.pack import PackedDataset, ResumableSampler
+
+        self.recipe = recipe
+        self.train = PackedDataset(recipe.data_path, "train")
+        self.eval = _eval_split(recipe)
+        _check_data(recipe, self.train)
+        self.sampler = ResumableSampler(len(self.train), recipe.training.seed)
+
+    def micro_batches(self, start: int, layout: Any) -> list[np.ndarray]:
+        """Block ids of this rank's micro-batches of the global batch that begins at sample `start`."""
+        t = self.recipe.training
+        mb = t.micro_batch_size
+        return [self.sampler.indices(start + m * mb * layout.data + layout.data_rank * mb, mb)
+                for m in range(t.gradient_accumulation(layout.data))]
+
+
+class _Session:
+    """The state of one rank's loop (position, running loss, guard, cadence) and its step-level actions."""
+
+    def __init__(self, recipe: Recipe, rank: RankInfo, data: TrainData, runner: Any,
+                 manager: ckpt.CheckpointManager, sync: Any, watcher: Any) -> None:
+        self.recipe, self.rank, self.data, self.runner = recipe, rank, data, runner
+        self.manager, self.sync, self.watcher = manager, sync, watcher
+        self.schedule = CheckpointSchedule.of(recipe.checkpoint, recipe.training.total_steps)
+        self.samples_log = _SampleLog(recipe, rank, runner.layout) if recipe.training.record_samples else None
+        self.guard = _Guard(recipe)
+        self.start, self.micro = 0, []
+
+    def begin(self, pos: Position, loop: dict[str, Any], resume: Any, load_seconds: float, params: int) -> None:
+        """Open the metrics (file and MLflow) with the `start` record, the progress bar and the meters."""
+        from jobs.train.model import flops_per_token
+
+        recipe, rank, t = self.recipe, self.rank, self.recipe.training
+        self.pos = pos
+        peak, peak_source = peak_flops(rank.device, recipe.deepspeed.precision)
+        self.meter = ThroughputMeter(flops_per_token(recipe.model, params, t.sequence_length),
+                                     peak * rank.world_size)
+        tracker = _tracker(recipe, rank, pos.step if resume is not None else None, params)
+        self.metrics = MetricsWriter(RunDir.of(recipe).metrics_file, enabled=rank.is_main, tracker=tracker)
+        self.metrics.write({"event": "start", "step": pos.step, "samples": pos.samples, "resumed": resume is not None,
+                            "reshaped": bool(resume and resume.reshaped), "load_seconds": load_seconds,
+                            "peak_flops_per_rank": peak, "peak_source": peak_source, "world_size": rank.world_size,
+                            "layout": _layout_meta(self.runner.layout), "params": params})
+        self.progress = StepProgress(t.total_steps, pos.step, enabled=rank.is_main)
+        self.log = self.progress.log if rank.is_main else _logger(rank)
+        # the running loss of the current log interval: restored, so a resume inside an interval logs the same mean
+        self.loss_sum, self.loss_count = float(loop.get("loss_sum", 0.0)), int(loop.get("loss_count", 0))
+        self.step_started, self.step_seconds = time.perf_counter(), 0.0
+
+    def train_step(self) -> tuple[float, int, float | None]:
+        """One optimizer step on the next global batch: (sum of micro-batch losses, how many, grad norm)."""
+        t = self.recipe.training
+        self.start = self.pos.next_batch_start(t.global_batch_size)
+        self.micro = self.data.micro_batches(self.start, self.runner.layout)
+        scale = float("nan") if ckpt.fault_at("bad_batch", self.start // t.global_batch_size + 1, self.rank) else 1.0
+        return self.runner.train_step([self.data.train.get_blocks(i) for i in self.micro], scale)
+
+    def advance(self, loss: float, micro_count: int, norm_before: float | None) -> None:
+        """Count the step that every rank agreed was good; log the interval's mean loss when due."""
+        t = self.recipe.training
+        if self.samples_log is not None:
+            self.samples_log.write(self.pos.step + 1, self.micro)
+        pos = self.pos
+        pos.step, pos.tokens = pos.step + 1, pos.tokens + t.tokens_per_step
+        pos.samples = self.start + t.global_batch_size
+        self.loss_sum, self.loss_count = self.loss_sum + loss, self.loss_count + micro_count
+        now = time.perf_counter()
+        self.step_seconds, self.step_started = now - self.step_started, now
+        self.meter.add(t.tokens_per_step)
+        self.progress.advance(pos.step)
+        if pos.step % t.log_every and pos.step != t.total_steps:
+            return
+        mean_loss, = all_reduce_mean([self.loss_sum / self.loss_count])
+        record = {"step": pos.step, "loss": mean_loss, "lr": self.runner.engine.get_lr()[0], "tokens": pos.tokens,
+                  "samples": pos.samples, "grad_norm": self.runner.grad_norm(norm_before), **self.meter.report()}
+        self.metrics.write(record)
+        self.log(format_step(record, t.total_steps))
+        self.progress.advance(pos.step, f"loss {record['loss']:.3f}")
+        self.loss_sum, self.loss_count = 0.0, 0
+
+    def eval_due(self) -> bool:
+        every = self.recipe.training.eval_every
+        return self.data.eval is not None and bool(every) and self.pos.step % every == 0
+
+    def validate(self) -> tuple[bool, bool]:
+        """Eval loss on the whole held-out split; (improved on the best, early stopping says stop)."""
+        pos, data, started = self.pos, self.data.eval, time.perf_counter()
+        loss = self.runner.eval_loss(data)
+        es = self.recipe.training.early_stopping
+        min_delta = es.min_delta if es is not None else 0.0
+        improved = pos.best_loss is None or loss < pos.best_loss - min_delta
+        if improved:
+            pos.best_loss, pos.best_step, pos.evals_since_best = loss, pos.step, 0
+        else:
+            pos.evals_since_best += 1
+        seconds = time.perf_counter() - started
+        self.metrics.write({"event": "eval", "step": pos.step, "eval_loss": loss, "best_step": pos.best_step,
+                            "eval_blocks": len(data), "seconds": seconds})
+        self.log(f"eval step {pos.step}: loss {loss:.4f} on {len(data)} blocks in {seconds:.2f}s"
+                 f"{' (best)' if improved else f', best {pos.best_loss:.4f} at step {pos.best_step}'}")
+        return improved and es is not None, es is not None and pos.evals_since_best >= es.patience
+
+    def save(self, best: bool, finished: bool) -> None:
+        """Every rank: write and publish the checkpoint of this step; under `auto` the first write sets the
+        interval (all ranks agree on the slowest write and step)."""
+        self.pos.finished = finished
+        m, step = self.manager, self.pos.step
+        m.save(self.runner.engine, step, self.pos.client_state(),
+               {**_meta(self.recipe, self.pos, self.runner.layout), "best": best},
+               {"loss_sum": self.loss_sum, "loss_count": self.loss_count})
+        path = self.recipe.checkpoint_path / ckpt.tag_for(step)
+        self.metrics.write({"event": "checkpoint", "step": step, "seconds": m.last_save_seconds,
+                            "bytes": m.last_save_bytes, "best": best, "path": str(path)})
+        if self.sync is not None:
+            self.sync.submit(path)
+        if self.schedule.provisional:
+            self.schedule.measured(all_reduce_max(m.last_save_seconds), all_reduce_max(self.step_seconds), self.log)
+        self.log(f"checkpoint step {step} published in {m.last_save_seconds:.2f}s ({m.last_save_bytes / 1e6:.1f} MB)")
+
+    def roll_back(self, loss: float) -> bool:
+        """The step diverged: reload the last checkpoint and mark the offending global batch to be skipped (the
+        steps in between replay exactly); False when the guard has no rollback left or nothing to go back to."""
+        t, pos = self.recipe.training, self.pos
+        if pos.rollbacks >= t.guard.max_rollbacks or ckpt.find_latest(self.recipe.checkpoint_path) is None:
+            self.log(f"step {pos.step + 1}: loss {loss} diverged and cannot be rolled back "
+                     f"(rollbacks {pos.rollbacks}/{t.guard.max_rollbacks}); stopping")
+            self.metrics.write({"event": "guard", "step": pos.step + 1, "action": "gave_up"})
+            return False
+        bad = [pos.samples, pos.samples + t.global_batch_size]
+        resume = self.manager.find(self.rank.world_size, _layout_meta(self.runner.layout))
+        assert resume is not None and not resume.reshaped
+        restored = Position.restore(self.manager.load(self.runner.engine, resume), t.global_batch_size)
+        restored.skips, restored.rollbacks = [*pos.skips, bad], pos.rollbacks + 1
+        self.log(f"step {pos.step + 1}: loss {loss} tripped the divergence guard; rolled back to step "
+                 f"{restored.step} and skipping samples {bad[0]}..{bad[1] - 1} (rollback {restored.rollbacks})")
+        self.metrics.write({"event": "guard", "step": pos.step + 1, "loss": loss if np.isfinite(loss) else str(loss),
+                            "action": "rollback", "to_step": restored.step, "skipped_samples": bad,
+                            "rollbacks": restored.rollbacks})
+        self.pos, self.loss_sum, self.loss_count = restored, 0.0, 0
+        return True
+
+    def restore_best(self) -> None:
+        """Load the best-validated checkpoint's weights for the export (keeping the guard's counts)."""
+        best = ckpt.Checkpoint(self.recipe.checkpoint_path / ckpt.tag_for(self.pos.best_step), {})
+        best.meta = ckpt.verify(best.path, self.recipe.checkpoint.verify_checksums)
+        rollbacks, skips = self.pos.rollbacks, self.pos.skips
+        self.pos = Position.restore(self.manager.load(self.runner.engine, ckpt.Resume(best, False, False)),
+                                    self.recipe.training.global_batch_size)
+        self.pos.rollbacks, self.pos.skips = rollbacks, skips
+
+    def close(self, code: int) -> int:
+        """Stop the progress bar and background threads; a stopped or failed run tells MLflow its outcome."""
+        self.progress.stop()
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.sync is not None:
+            self.sync.close()
+        if code != FINISHED:
+            self.metrics.close("FAILED" if code == DIVERGED else "KILLED", {"step": self.pos.step})
+        return code
 
 
 # --- the pieces the loop calls -----------------------------------------------------------------
@@ -285,10 +343,25 @@ def _tracker(recipe: Recipe, rank: RankInfo, resumed_step: int | None, params: i
     return tracker
 
 
-def _already_exported(recipe: Recipe, pos: Position) -> bool:
+def _already_exported(run: RunDir, pos: Position) -> bool:
     """A finished run whose export matches its last checkpoint (a rerun must not re-export)."""
-    lineage = recipe.run_path / "model" / "privlm.json"
-    return lineage.is_file() and json.loads(lineage.read_text()).get("step") in (pos.step, pos.best_step)
+    lineage = run.lineage()
+    return lineage is not None and lineage.get("step") in (pos.step, pos.best_step)
+
+
+def _resume(manager: ckpt.CheckpointManager, runner: Any, resume: Any, global_batch: int,
+            log: Any) -> tuple[Position, dict[str, Any], float]:
+    """(position, this rank's loop state, seconds) after loading `resume`; a fresh start without one."""
+    started = time.perf_counter()
+    if resume is None:
+        return Position(), {}, 0.0
+    state = manager.load(runner.engine, resume)
+    pos = Position.restore(state, global_batch)
+    how = f", reshaped from {resume.checkpoint.meta['world_size']} ranks" if resume.reshaped else ""
+    seconds = time.perf_counter() - started
+    log(f"resumed from {resume.checkpoint.path} at step {pos.step} ({pos.samples:,} samples, {pos.tokens:,} "
+        f"tokens seen{how}) in {seconds:.2f}s")
+    return pos, state["rank_state"], seconds
 
 
 def _is_lora(recipe: Recipe) -> bool:
@@ -335,26 +408,6 @@ def _build(recipe: Recipe, rank: RankInfo, eos_id: int) -> tuple[Any, int]:
     return model, base_params
 
 
-def _checkpoint_interval(recipe: Recipe) -> int:
-    """The fixed interval, or for `auto` a provisional first one that measures the write time."""
-    interval = recipe.checkpoint.interval
-    if interval == "auto":
-        return max(1, min(10, recipe.training.total_steps // 10))
-    return interval
-
-
-def _young_daly_steps(recipe: Recipe, write_s: float, step_s: float, log: Any) -> int:
-    """Young/Daly: checkpoint every sqrt(2·δ·MTBF) seconds, in steps; logged with its inputs."""
-    from cost.workload import young_daly_interval
-
-    mtbf = 3600.0 / recipe.checkpoint.interruptions_per_hour
-    tau = young_daly_interval(write_s, mtbf)
-    steps = max(1, round(tau / max(step_s, 1e-6)))
-    log(f"checkpoint interval auto: {steps} steps = sqrt(2 x {write_s:.2f}s write x {mtbf:.0f}s MTBF) = "
-        f"{tau:.0f}s at {step_s:.2f}s/step ({recipe.checkpoint.interruptions_per_hour}/h interruptions)")
-    return steps
-
-
 def _restore_and_sync(recipe: Recipe, rank: RankInfo) -> Any:
     """With checkpoint.s3_uri: restore from S3 when the local copy is missing; rank 0 syncs new ones."""
     uri = recipe.checkpoint.s3_uri
@@ -379,16 +432,9 @@ def _spot_watcher(recipe: Recipe, rank: RankInfo, stop: StopRequest) -> Any:
 
     def on_notice(notice: Any) -> None:
         print(f"[privlm] spot {notice.kind} notice {notice.detail}: checkpointing and stopping", flush=True)
-        stop.signum = signal.SIGUSR2
+        stop.request(REQUEUE_SIGNAL)
 
     return SpotWatcher(on_notice, recipe.spot.metadata_url, recipe.spot.poll_s, recipe.spot.include_rebalance).start()
-
-
-def _finish_background(sync: Any, watcher: Any) -> None:
-    if watcher is not None:
-        watcher.stop()
-    if sync is not None:
-        sync.close()
 
 
 def _layout_meta(layout: Any) -> dict[str, int]:
@@ -434,52 +480,13 @@ class _Guard:
         return False
 
 
-def _roll_back(manager: ckpt.CheckpointManager, runner: Any, pos: Position, global_batch: int, log: Any,
-               metrics: MetricsWriter, loss: float) -> tuple[Position, float, int]:
-    """Reload the last checkpoint and mark the offending global batch to be skipped; the steps in between
-    replay exactly. Returns the restored position and an empty log interval."""
-    bad = [pos.samples, pos.samples + global_batch]
-    resume = manager.find(manager.rank.world_size, {"tensor": runner.layout.tensor,
-                                                   "pipeline": runner.layout.pipeline, "data": runner.layout.data})
-    assert resume is not None and not resume.reshaped
-    restored = Position.restore(manager.load(runner.engine, resume), global_batch)
-    restored.skips = [*pos.skips, bad]
-    restored.rollbacks = pos.rollbacks + 1
-    log(f"step {pos.step + 1}: loss {loss} tripped the divergence guard; rolled back to step {restored.step} and "
-        f"skipping samples {bad[0]}..{bad[1] - 1} (rollback {restored.rollbacks})")
-    metrics.write({"event": "guard", "step": pos.step + 1, "loss": loss if np.isfinite(loss) else str(loss),
-                   "action": "rollback", "to_step": restored.step, "skipped_samples": bad,
-                   "rollbacks": restored.rollbacks})
-    return restored, 0.0, 0
-
-
-def _validate(recipe: Recipe, runner: Any, data: Any, pos: Position, metrics: MetricsWriter,
-              log: Any) -> tuple[bool, bool]:
-    """Eval loss on the whole held-out split; (improved on the best, early stopping says stop)."""
-    started = time.perf_counter()
-    loss = runner.eval_loss(data)
-    es = recipe.training.early_stopping
-    min_delta = es.min_delta if es is not None else 0.0
-    improved = pos.best_loss is None or loss < pos.best_loss - min_delta
-    if improved:
-        pos.best_loss, pos.best_step, pos.evals_since_best = loss, pos.step, 0
-    else:
-        pos.evals_since_best += 1
-    seconds = time.perf_counter() - started
-    metrics.write({"event": "eval", "step": pos.step, "eval_loss": loss, "best_step": pos.best_step,
-                   "eval_blocks": len(data), "seconds": seconds})
-    log(f"eval step {pos.step}: loss {loss:.4f} on {len(data)} blocks in {seconds:.2f}s"
-        f"{' (best)' if improved else f', best {pos.best_loss:.4f} at step {pos.best_step}'}")
-    return improved and es is not None, es is not None and pos.evals_since_best >= es.patience
-
-
 class _SampleLog:
     """training.record_samples: each rank appends the block ids of every step it trains to
     run_dir/samples/rank-NNNNN.jsonl with its data-parallel rank and the launch (`attempt`): a step that
     was replayed after a resume counts from the latest attempt only."""
 
     def __init__(self, recipe: Recipe, rank: RankInfo, layout: Any) -> None:
-        folder = recipe.run_path / "samples"
+        folder = RunDir.of(recipe).samples_dir
         folder.mkdir(parents=True, exist_ok=True)
         self.data_rank = layout.data_rank
         self.attempt = all_reduce_max(time.time())  # one id per launch, the same on every rank
@@ -496,10 +503,10 @@ def _export(recipe: Recipe, runner: Any, rank: RankInfo, pos: Position, layout: 
 
     lineage = {**_meta(recipe, pos, layout), "step": pos.step, "eval_loss": eval_loss,
                "base_model": recipe.finetune.base if recipe.finetune else None}
-    tokenizer_dir = recipe.data_path / "tokenizer"
-    out = recipe.run_path / "model"
+    tokenizer_dir, run = recipe.data_path / "tokenizer", RunDir.of(recipe)
+    out = run.model_dir
     if _is_lora(recipe):
-        export_lora(runner.engine.module, rank, recipe.finetune.base, out, recipe.run_path / "adapter",
+        export_lora(runner.engine.module, rank, recipe.finetune.base, out, run.adapter_dir,
                     tokenizer_dir, lineage)
     else:
         export_full(runner.full_model, runner.state_dict(), rank, out, tokenizer_dir, lineage)

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs.files import replace_dir
+from jobs.run_dir import LINEAGE_FILE
 from jobs.train.distributed import RankInfo, barrier
-
-LINEAGE_FILE = "privlm.json"
 
 
 def gathered_state_dict(module: Any, rank: RankInfo) -> dict[str, Any] | None:

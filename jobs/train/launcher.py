@@ -2,7 +2,8 @@
 
 Event sequence it handles:
 1. SIGTERM/SIGUSR1/SIGUSR2/SIGINT reach the launcher -> forwarded to every rank; the ranks agree at
-   the next step boundary, write a checkpoint and exit 128+signal; the launcher exits with that code.
+   the next step boundary, write a checkpoint and exit 128+signal; the launcher exits with that code
+   (jobs/launch/preemption.py: signals, precedence, exit codes).
 2. A rank dies (OOM, SIGKILL, exception) -> its peers would hang in a collective, so the launcher
    asks them to stop, waits `grace_s`, kills what is left, and exits non-zero. The next run resumes
    from the last *published* checkpoint.
@@ -24,11 +25,9 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from jobs.launch.preemption import STOP_SIGNALS, STOPPED, shell_code
 from jobs.recipe import Recipe, dump_recipe
 from jobs.train.distributed import accelerator_env, has_cuda, rank_env_present
-
-FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
-STOPPED = tuple(128 + s for s in FORWARDED)
 
 
 def free_port() -> int:
@@ -126,7 +125,7 @@ def supervise(procs: list[subprocess.Popen], grace_s: float) -> int:
             if p.poll() is None:
                 p.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     failed_at: float | None = None
     try:
         while any(p.poll() is None for p in procs):
@@ -152,5 +151,4 @@ def supervise(procs: list[subprocess.Popen], grace_s: float) -> int:
     failures = [c for c in codes if c != 0]
     if not failures:
         return 0
-    # A rank killed by a signal reports -N; report it the shell's way (128+N).
-    return max(128 - c if c < 0 else c for c in failures)
+    return max(shell_code(c) for c in failures)

@@ -92,12 +92,14 @@ class ThroughputMeter:
 
 
 class MetricsWriter:
-    """Appends one JSON object per record to metrics.jsonl (rank 0 only) and passes step metrics to MLflow."""
+    """The one owner of what a run reports: appends one JSON object per record to metrics.jsonl (rank 0
+    only) and passes the same records to MLflow (mlops/tracking.py's outbox): step and eval metrics as
+    metrics, checkpoints as pointers; nothing else in the loop talks to the tracker."""
 
     def __init__(self, path: Path, enabled: bool, tracker: Any = None) -> None:
         self.enabled = enabled
         self.path = path
-        self.tracker = tracker
+        self.tracker = tracker if enabled else None
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(path, "a", buffering=1)  # noqa: SIM115 - kept open for the run
@@ -106,7 +108,14 @@ class MetricsWriter:
         if not self.enabled:
             return
         self._fh.write(json.dumps({"time": time.time(), **record}) + "\n")
-        if self.tracker is not None and "loss" in record:
+        if self.tracker is None:
+            return
+        event = record.get("event")
+        if event == "checkpoint":
+            self.tracker.checkpoint(record["step"], Path(record["path"]), record["bytes"])
+        elif event == "eval":
+            self.tracker.metrics(record["step"], {"eval_loss": record["eval_loss"]})
+        elif "loss" in record and event is None:
             self.tracker.metrics(record["step"], {k: v for k, v in record.items() if k != "step"})
 
     def close(self, status: str, summary: dict[str, Any] | None = None) -> None:

@@ -88,10 +88,10 @@ def reference(slurm_cluster: SlurmCluster, small_data: Path, tmp_path_factory: p
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    from jobs.launch.slurm import measured_step_seconds
+    from jobs.run_dir import RunDir
 
     return {"result": results[0], "losses": read_losses(tmp / "reference"), "job": job.job_id,
-            "step_s": measured_step_seconds(tmp / "reference")}
+            "step_s": RunDir.at(tmp / "reference").step_seconds()}
 
 
 def test_a_deepspeed_job_on_slurm_finishes_and_exports_its_model(reference: dict) -> None:
