@@ -9,8 +9,7 @@ import yaml
 from pydantic import BaseModel
 
 from infra import spec as specs
-from infra.offline import run
-from infra.policies import check
+from infra.offline import check, run
 from infra.spec import check_spec, parse_spec
 from tests.helpers import REPO
 
@@ -55,10 +54,6 @@ def test_the_entry_point_pulumi_runs_exports_what_the_offline_run_records() -> N
     import runpy
 
     import pulumi
-    from pulumi.runtime import mocks
-    from pulumi.runtime.settings import get_root_resource
-    from pulumi.runtime.stack import run_pulumi_func
-    from pulumi.runtime.sync_await import _sync_await
 
     from infra.offline import RecordingMocks, stack_config
 
@@ -67,10 +62,18 @@ def test_the_entry_point_pulumi_runs_exports_what_the_offline_run_records() -> N
     recorder = RecordingMocks()
     pulumi.runtime.set_all_config({"privlm:cluster": json.dumps(config["privlm:cluster"]), "privlm:mungeKey": "k"},
                                   secret_keys=["privlm:mungeKey"])
-    mocks.set_mocks(type("M", (pulumi.runtime.Mocks,), {"new_resource": lambda _, a: recorder.new_resource(a),
-                                                        "call": lambda _, a: recorder.call(a)})(),
-                    project="privlm", stack="p4d-ondemand", preview=False)
-    _sync_await(run_pulumi_func(lambda: runpy.run_path(str(REPO / "infra" / "__main__.py"), run_name="__main__")))
+    pulumi.runtime.set_mocks(type("M", (pulumi.runtime.Mocks,), {"new_resource": lambda _, a: recorder.new_resource(a),
+                                                                 "call": lambda _, a: recorder.call(a)})(),
+                             project="privlm", stack="p4d-ondemand", preview=False)
+    exported: dict[str, object] = {}
+
+    @pulumi.runtime.test
+    def entry_point() -> pulumi.Output:
+        runpy.run_path(str(REPO / "infra" / "__main__.py"), run_name="__main__")
+        stack = pulumi.runtime.get_root_resource()
+        return pulumi.Output.from_input(stack.outputs).apply(exported.update)  # type: ignore[union-attr]
+
+    entry_point()
     assert sorted((r.type, r.name) for r in recorder.recorded) == sorted((r.type, r.name) for r in offline.resources)
-    assert set(get_root_resource().outputs) == set(offline.outputs) >= {"head_address", "partitions", "bucket",
-                                                                         "fsx_mount_name", "cluster_spec"}
+    assert set(exported) == set(offline.outputs) >= {"head_address", "partitions", "bucket", "fsx_mount_name",
+                                                     "cluster_spec"}
