@@ -72,7 +72,7 @@ infra_app = typer.Typer(help="Pulumi: validate a stack's cluster spec and check 
                         no_args_is_help=True)
 
 
-STACK_HELP = "stack name (infra/stacks/Pulumi.STACK.yaml) or a stack file"
+STACK_HELP = "stack name (infra/stacks/Pulumi.STACK.yaml, else the template infra/stacks/STACK.template.yaml) or a file"
 
 
 @infra_app.command("validate")
@@ -103,7 +103,7 @@ def check_cmd(stack: str = typer.Argument(..., help=STACK_HELP)) -> None:
     from infra.spec import SpecError, check_spec, parse_spec
 
     try:
-        graph = run(stack_config(stack), stack=Path(stack).stem.removeprefix("Pulumi."))
+        graph = run(stack_config(stack), stack=Path(stack).name.removeprefix("Pulumi.").split(".")[0])
     except (SpecError, FileNotFoundError) as exc:
         typer.secho(f"{stack}: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None

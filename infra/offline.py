@@ -121,15 +121,33 @@ class RecordingMocks:
         return {}
 
 
-def stack_config(stack: str | Path) -> dict[str, Any]:
-    """The `config:` of a stack file: infra/stacks/Pulumi.<stack>.yaml, or a path to such a file."""
+def stack_file(stack: str | Path) -> Path:
+    """A stack's file: a path, your stack infra/stacks/Pulumi.<stack>.yaml, or the shipped <stack>.template.yaml.
+
+    Stack files are git-ignored (`pulumi config set --secret` writes ciphertext into them); the templates are
+    what the repository ships.
+    """
     path = Path(stack)
-    if not path.is_file():
-        path = STACKS / f"Pulumi.{stack}.yaml"
-    if not path.is_file():
-        known = sorted(p.name.removeprefix("Pulumi.").removesuffix(".yaml") for p in STACKS.glob("Pulumi.*.yaml"))
-        raise FileNotFoundError(f"stack {stack}: no {path}; known stacks: {', '.join(known)}")
-    return (yaml.safe_load(path.read_text()) or {}).get("config", {})
+    if path.is_file():
+        return path
+    for candidate in (STACKS / f"Pulumi.{stack}.yaml", STACKS / f"{stack}.template.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"stack {stack}: no {STACKS / f'Pulumi.{stack}.yaml'} and no template "
+                            f"{STACKS / f'{stack}.template.yaml'}; known stacks: {', '.join(known_stacks())} "
+                            "(copy a template: cp infra/stacks/TEMPLATE.template.yaml "
+                            f"infra/stacks/Pulumi.{stack}.yaml)")
+
+
+def known_stacks() -> list[str]:
+    """Names of your stack files and of the shipped templates in infra/stacks/."""
+    names = {p.name.removeprefix("Pulumi.").removesuffix(".yaml") for p in STACKS.glob("Pulumi.*.yaml")}
+    return sorted(names | {p.name.removesuffix(".template.yaml") for p in STACKS.glob("*.template.yaml")})
+
+
+def stack_config(stack: str | Path) -> dict[str, Any]:
+    """The `config:` of a stack (see stack_file)."""
+    return (yaml.safe_load(stack_file(stack).read_text()) or {}).get("config", {})
 
 
 def run(config: dict[str, Any], stack: str = "offline", validate: bool = True,
