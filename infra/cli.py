@@ -72,7 +72,7 @@ infra_app = typer.Typer(help="Pulumi: validate a stack's cluster spec and check 
                         no_args_is_help=True)
 
 
-STACK_HELP = "stack name (infra/stacks/Pulumi.STACK.yaml) or a stack file"
+STACK_HELP = "stack name (infra/stacks/Pulumi.STACK.yaml, else the template infra/stacks/STACK.template.yaml) or a file"
 
 
 @infra_app.command("validate")
@@ -96,22 +96,24 @@ def validate_cmd(stack: str = typer.Argument(..., help=STACK_HELP)) -> None:
 
 @infra_app.command("check")
 def check_cmd(stack: str = typer.Argument(..., help=STACK_HELP)) -> None:
-    """Run the Pulumi program offline (SDK mocks) and check the policies on its resources; exit 1 on a violation."""
-    from infra.offline import resource_types, run, stack_config
-    from infra.policies import POLICIES, check
+    """Run the Pulumi program offline (SDK mocks) and the policy pack (infra/policy) on its resources; exit 1 on
+    an error."""
+    from infra.offline import check, resource_types, run, stack_config
+    from infra.policy.rules import POLICIES
     from infra.spec import SpecError, check_spec, parse_spec
 
     try:
-        graph = run(stack_config(stack), stack=Path(stack).stem.removeprefix("Pulumi."))
+        graph = run(stack_config(stack), stack=Path(stack).name.removeprefix("Pulumi.").split(".")[0])
     except (SpecError, FileNotFoundError) as exc:
         typer.secho(f"{stack}: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
     for finding in check_spec(parse_spec(stack_config(stack)["privlm:cluster"])):  # errors stopped run() already
         typer.secho(str(finding), fg="yellow")
-    violations = check(graph)
-    for violation in violations:
-        typer.secho(str(violation), fg="red")
+    findings = check(graph)
+    for finding in findings:
+        typer.secho(str(finding), fg="red" if finding.level == "error" else "yellow")
+    errors = sum(f.level == "error" for f in findings)
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(resource_types(graph).items()))
     typer.echo(f"{graph.count()} resources ({kinds})")
-    typer.echo(f"{len(violations)} violations of {len(POLICIES)} policies ({', '.join(POLICIES)})")
-    raise typer.Exit(1 if violations else 0)
+    typer.echo(f"{errors} violations of {len(POLICIES)} policies ({', '.join(p.name for p in POLICIES)})")
+    raise typer.Exit(1 if errors else 0)

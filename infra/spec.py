@@ -11,13 +11,14 @@ errors and warnings).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, IPvAnyNetwork, ValidationError, model_validator
+
+from infra.findings import Finding
 
 Fabric = Literal["infiniband", "efa", "ethernet"]
 NAME = r"^[a-z][a-z0-9-]*$"
@@ -259,18 +260,6 @@ def load_spec(path: str | Path) -> ClusterSpec:
     if not isinstance(data, dict):
         raise SpecError(f"{path}: a cluster spec is a YAML mapping (name, provider, node_groups, ...)")
     return parse_spec(data)
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One rule's verdict on a spec: an error stops `pulumi up`, a warning is printed and allowed."""
-
-    level: Literal["error", "warning"]
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.level.upper()} {self.field}: {self.message}"
 
 
 # Valid FSx for Lustre sizes (CreateFileSystem StorageCapacity, AWS FSx API reference): for the SSD types

@@ -11,8 +11,7 @@ import yaml
 
 from infra.cluster import PLAYBOOKS, playbooks_digest
 from infra.inventory import render_inventory
-from infra.offline import Graph, Recorded, run, stack_config
-from infra.policies import check
+from infra.offline import Graph, Recorded, check, run, stack_config
 from infra.spec import OnPremSpec, parse_spec
 
 COMMAND = "command:local:Command"

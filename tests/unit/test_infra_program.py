@@ -1,22 +1,19 @@
-"""The Pulumi program under the SDK's mocks: each example stack's resource graph, outputs and policies."""
+"""The Pulumi program under the SDK's mocks: each example stack's graph and outputs (policies: test_policy_pack.py)."""
 
 from __future__ import annotations
 
 import base64
 import copy
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pulumi
 import pytest
 import yaml
 from pulumi.runtime import rpc
 
 from infra.inventory import validate_inventory
-from infra.offline import FAKE_AMI, PLACEHOLDER_SECRET, Graph, Recorded, run, stack_config
-from infra.policies import POLICIES, check
+from infra.offline import FAKE_AMI, Graph, Recorded, check, run, stack_config
 from infra.spec import AwsSpec, SpecError, parse_spec
 
 AWS_STACKS = ["p5-spot", "p4d-ondemand", "g5-inference"]
@@ -213,118 +210,6 @@ def test_outputs_and_the_rendered_spec_round_trip(graphs: dict[str, Graph]) -> N
 def test_spec_errors_stop_the_program_before_any_resource() -> None:
     with pytest.raises(SpecError, match=r"ERROR ssh_cidrs.0: 0.0.0.0/0 opens SSH"):
         run(config("p5-spot", ssh_cidrs=["0.0.0.0/0"]))
-
-
-def test_without_a_munge_key_the_offline_run_uses_a_placeholder_that_stays_out_of_user_data() -> None:
-    cfg = config("g5-inference")
-    del cfg["privlm:mungeKey"]
-    graph = run(cfg)
-    assert graph.secrets == [PLACEHOLDER_SECRET]
-    assert one(graph, "aws:ssm/parameter:Parameter").inputs["value"] == secret(PLACEHOLDER_SECRET)
-    assert check(graph, only=["secrets"]) == []
-
-
-# Stacks built to break one policy each: an invalid spec forced past the rules (validate=False), or a
-# transformation that changes what the program registers, as a careless code change would.
-
-def sabotage(token: str, change: Callable[[dict], None]) -> Callable:
-    def transformation(args: pulumi.ResourceTransformationArgs) -> pulumi.ResourceTransformationResult | None:
-        if args.type_ != token:
-            return None
-        props = dict(args.props)
-        change(props)
-        return pulumi.ResourceTransformationResult(props, args.opts)
-    return transformation
-
-
-def _drop_last_interface(props: dict) -> None:
-    props["network_interfaces"] = props["network_interfaces"][:-1]
-
-
-def _unencrypted_root(props: dict) -> None:
-    props["block_device_mappings"][0].ebs.encrypted = "false"
-
-
-def _imdsv1_on_head(props: dict) -> None:
-    props["metadata_options"] = pulumi_aws().ec2.InstanceMetadataOptionsArgs(http_tokens="optional")
-
-
-def _secret_in_head_user_data(props: dict) -> None:
-    props["user_data"] = pulumi.Output.from_input(props["user_data"]).apply(
-        lambda text: text + f"\n# MUNGE_KEY={MUNGE}\n")
-
-
-def _untagged_lustre(props: dict) -> None:
-    props["tags"] = {k: v for k, v in props["tags"].items() if k != "owner"}
-
-
-def _world_on_cluster_group(props: dict) -> None:
-    if props["security_group_id"] is not None and props.get("from_port") is None:
-        props.update(cidr_ipv4="0.0.0.0/0", referenced_security_group_id=None)
-
-
-def _scratch_1(props: dict) -> None:
-    props["deployment_type"] = "SCRATCH_1"
-
-
-def pulumi_aws() -> Any:
-    import pulumi_aws as aws
-
-    return aws
-
-
-BROKEN: dict[str, tuple[str, dict[str, Any], list[Callable], str]] = {
-    "group in another zone": ("placement", {"node_groups": [
-        {"name": "p5", "instance_type": "p5.48xlarge", "count": 2, "fabric": "efa",
-         "availability_zone": "us-east-1b"},
-        {"name": "p5b", "instance_type": "p5.48xlarge", "count": 1, "fabric": "efa"}]}, [],
-        "node groups: span several availability zones"),
-    "group outside the placement group": ("placement", {}, [
-        sabotage(ASG, lambda p: p.update(placement_group=None))], "p5-spot-p5: not in a cluster placement group"),
-    "one EFA interface short": ("efa", {}, [sabotage(LT, _drop_last_interface)],
-                                "p5-spot-p5: 31 EFA interfaces on network cards"),
-    "SSH from anywhere": ("security-groups", {"ssh_cidrs": ["0.0.0.0/0"]}, [],
-                          "p5-spot-ssh-0: ingress tcp ports (22.0, 22.0) from the whole internet"),
-    "cluster group open to the world": ("security-groups", {}, [
-        sabotage("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule", _world_on_cluster_group)],
-        "p5-spot-cluster-in: ingress -1 ports (None, None) from the whole internet"),
-    "unencrypted node volume": ("encryption", {}, [sabotage(LT, _unencrypted_root)],
-                                "p5-spot-p5: volume /dev/sda1 is not encrypted"),
-    "Lustre without encryption in transit": ("encryption", {}, [
-        sabotage("aws:fsx/lustreFileSystem:LustreFileSystem", _scratch_1)],
-        "p5-spot-lustre: SCRATCH_1 does not encrypt data in transit"),
-    "IMDSv1 on the head": ("imdsv2", {}, [sabotage("aws:ec2/instance:Instance", _imdsv1_on_head)],
-                           "p5-spot-head: IMDSv1 is allowed"),
-    "munge key in user data": ("secrets", {}, [sabotage("aws:ec2/instance:Instance", _secret_in_head_user_data)],
-                               "p5-spot-head: user data contains a stack secret (privlm:mungeKey)"),
-    "Lustre without owner": ("tags", {}, [sabotage("aws:fsx/lustreFileSystem:LustreFileSystem", _untagged_lustre)],
-                             "p5-spot-lustre: missing tags ['owner']"),
-}
-
-
-@pytest.mark.parametrize("case", BROKEN)
-def test_each_policy_fails_on_a_stack_built_to_break_it(case: str) -> None:
-    name, changes, transformations, message = BROKEN[case]
-    graph = run(config("p5-spot", **changes), validate=False, transformations=transformations)
-    violations = check(graph)
-    assert {v.policy for v in violations} == {name}, [str(v) for v in violations]
-    assert any(str(v).startswith(f"[{name}] {message}") for v in violations), [str(v) for v in violations]
-
-
-def test_every_policy_has_a_breaking_stack() -> None:
-    assert {case[0] for case in BROKEN.values()} == set(POLICIES)
-
-
-def test_secret_patterns_catch_keys_a_careless_script_might_embed() -> None:
-    leak = "export AWS_ACCESS_KEY_ID=AKIAABCDEFGHIJKLMNOP\n-----BEGIN OPENSSH PRIVATE KEY-----\n"
-    graph = run(config("g5-inference"), transformations=[sabotage(LT, lambda p: p.update(
-        user_data=pulumi.Output.from_input(p["user_data"]).apply(
-            lambda b64: base64.b64encode(base64.b64decode(b64) + leak.encode()).decode())))])
-    (violation,) = check(graph)
-    assert str(violation) == ("[secrets] g5-inference-g5: user data contains an AWS access key id, a private key; "
-                              "keep secrets in SSM Parameter Store (SecureString) and fetch them at boot with the "
-                              "instance role")
-
 
 
 @pytest.mark.parametrize("stack", AWS_STACKS)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+from pathlib import Path
 
+import pytest
 import yaml
 from pydantic import BaseModel
 
 from infra import spec as specs
-from infra.offline import run
-from infra.policies import check
+from infra.offline import check, run
 from infra.spec import check_spec, parse_spec
 from tests.helpers import REPO
 
@@ -21,9 +23,39 @@ def test_project_runs_infra_with_python_and_finds_the_example_stacks() -> None:
     project = yaml.safe_load((REPO / "Pulumi.yaml").read_text())
     assert (project["name"], project["runtime"]["name"], project["main"]) == ("privlm", "python", "infra/")
     assert (REPO / project["main"] / "__main__.py").is_file()
-    stacks = sorted(p.name for p in (REPO / project["stackConfigDir"]).glob("Pulumi.*.yaml"))
-    assert stacks == ["Pulumi.g5-inference.yaml", "Pulumi.onprem-4node.yaml", "Pulumi.p4d-ondemand.yaml",
-                      "Pulumi.p5-spot.yaml"]
+    templates = sorted(p.name for p in (REPO / project["stackConfigDir"]).glob("*.template.yaml"))
+    assert templates == ["g5-inference.template.yaml", "onprem-4node.template.yaml", "p4d-ondemand.template.yaml",
+                         "p5-spot.template.yaml"]
+    assert project["template"]["config"]["privlm:mungeKey"]["secret"] is True
+
+
+def test_stack_files_are_ignored_and_the_shipped_files_hold_no_ciphertext() -> None:
+    """`pulumi config set --secret` writes into infra/stacks/Pulumi.<stack>.yaml: ignored; templates are not."""
+    shipped = [REPO / "Pulumi.yaml", REPO / "Pulumi.example.yaml", *(REPO / "infra" / "stacks").glob("*.template.yaml")]
+    paths = [str(p.relative_to(REPO)) for p in shipped] + ["infra/stacks/Pulumi.mycluster.yaml"]
+    ignored = subprocess.run(["git", "check-ignore", *paths], cwd=REPO, capture_output=True, text=True).stdout.split()
+    assert ignored == ["infra/stacks/Pulumi.mycluster.yaml"]
+    tracked = subprocess.run(["git", "ls-files", "infra/stacks"], cwd=REPO, capture_output=True, text=True).stdout
+    assert "Pulumi." not in tracked and tracked.count(".template.yaml") == 4
+    for path in shipped[2:]:
+        assert "secure:" not in path.read_text() and "encryptionsalt" not in path.read_text(), path
+
+
+def test_a_stack_of_your_own_comes_before_the_template_of_that_name(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from infra import offline
+
+    for template in (REPO / "infra" / "stacks").glob("*.template.yaml"):
+        (tmp_path / template.name).write_text(template.read_text())
+    mine = yaml.safe_load((tmp_path / "p5-spot.template.yaml").read_text())
+    mine["config"]["privlm:cluster"]["name"] = "mine"
+    (tmp_path / "Pulumi.p5-spot.yaml").write_text(yaml.safe_dump(mine))
+    monkeypatch.setattr(offline, "STACKS", tmp_path)
+    assert offline.stack_config("p5-spot")["privlm:cluster"]["name"] == "mine"
+    assert offline.stack_config("p4d-ondemand")["privlm:cluster"]["name"] == "p4d-ondemand"
+    with pytest.raises(FileNotFoundError, match=r"stack nope: .*known stacks: g5-inference, onprem-4node, "
+                                                r"p4d-ondemand, p5-spot .*cp infra/stacks/TEMPLATE.template.yaml"):
+        offline.stack_config("nope")
 
 
 def test_example_is_a_valid_stack_that_passes_every_policy() -> None:
@@ -55,10 +87,6 @@ def test_the_entry_point_pulumi_runs_exports_what_the_offline_run_records() -> N
     import runpy
 
     import pulumi
-    from pulumi.runtime import mocks
-    from pulumi.runtime.settings import get_root_resource
-    from pulumi.runtime.stack import run_pulumi_func
-    from pulumi.runtime.sync_await import _sync_await
 
     from infra.offline import RecordingMocks, stack_config
 
@@ -67,10 +95,18 @@ def test_the_entry_point_pulumi_runs_exports_what_the_offline_run_records() -> N
     recorder = RecordingMocks()
     pulumi.runtime.set_all_config({"privlm:cluster": json.dumps(config["privlm:cluster"]), "privlm:mungeKey": "k"},
                                   secret_keys=["privlm:mungeKey"])
-    mocks.set_mocks(type("M", (pulumi.runtime.Mocks,), {"new_resource": lambda _, a: recorder.new_resource(a),
-                                                        "call": lambda _, a: recorder.call(a)})(),
-                    project="privlm", stack="p4d-ondemand", preview=False)
-    _sync_await(run_pulumi_func(lambda: runpy.run_path(str(REPO / "infra" / "__main__.py"), run_name="__main__")))
+    pulumi.runtime.set_mocks(type("M", (pulumi.runtime.Mocks,), {"new_resource": lambda _, a: recorder.new_resource(a),
+                                                                 "call": lambda _, a: recorder.call(a)})(),
+                             project="privlm", stack="p4d-ondemand", preview=False)
+    exported: dict[str, object] = {}
+
+    @pulumi.runtime.test
+    def entry_point() -> pulumi.Output:
+        runpy.run_path(str(REPO / "infra" / "__main__.py"), run_name="__main__")
+        stack = pulumi.runtime.get_root_resource()
+        return pulumi.Output.from_input(stack.outputs).apply(exported.update)  # type: ignore[union-attr]
+
+    entry_point()
     assert sorted((r.type, r.name) for r in recorder.recorded) == sorted((r.type, r.name) for r in offline.resources)
-    assert set(get_root_resource().outputs) == set(offline.outputs) >= {"head_address", "partitions", "bucket",
-                                                                         "fsx_mount_name", "cluster_spec"}
+    assert set(exported) == set(offline.outputs) >= {"head_address", "partitions", "bucket", "fsx_mount_name",
+                                                     "cluster_spec"}
