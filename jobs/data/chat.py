@@ -178,8 +178,8 @@ def tokenize_chat(tok: Any, messages: list[dict[str, str]]) -> tuple[np.ndarray,
     Templates with {% generation %} use transformers' `return_assistant_tokens_mask`. Templates without
     (many published ones) cannot: there the assistant's characters are found by rendering the conversation
     up to each assistant turn (with the generation prompt) and up to its end, and the tokens whose
-    characters fall in between are marked; a template whose shorter renderings are not prefixes of the
-    whole raises RecordError.
+    characters fall in between (less trailing whitespace) are marked; a template whose shorter renderings
+    are not prefixes of the whole raises RecordError.
     """
     if has_generation_blocks(tok.chat_template):
         out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
@@ -193,7 +193,7 @@ def tokenize_chat(tok: Any, messages: list[dict[str, str]]) -> tuple[np.ndarray,
         through = tok.apply_chat_template(messages[:i + 1], tokenize=False)
         if not (text.startswith(through) and through.startswith(before)):
             raise RecordError("chat template renders turns inconsistently")
-        spans.append((len(before), len(through)))
+        spans.append((len(before), len(through.rstrip())))  # the separator after a turn is not the answer
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
     mask = np.zeros(len(ids), dtype=np.uint8)
