@@ -90,6 +90,9 @@ class DataSource(Strict):
                                  "the other sources' weights; None on every source keeps the natural mix")
     record_schema: str | None = Field(None, description="JSON Schema file each JSONL/Parquet record must satisfy; "
                                       "records that fail go to the quarantine file with the reason")
+    split: Literal["train", "eval", "test"] | None = Field(
+        None, description="chat and preference data only: every record of this source goes to this split (a fixed "
+        "held-out set); None: records are split by data.split's fractions")
 
     def resolved_path(self) -> Path:
         return _expand(self.path)
@@ -227,9 +230,33 @@ class PIIConfig(Strict):
     id_number: bool = True
 
 
+class ChatDataConfig(Strict):
+    """How chat and preference records become training sequences (data.format chat or preference)."""
+
+    truncate: bool = Field(False, description="cut a sample longer than training.sequence_length to that length "
+                           "(kept when assistant tokens remain); False skips it and counts it in the report")
+    template: str | None = Field(None, description="a Jinja chat template file that replaces the tokenizer's; None "
+                                 "uses the tokenizer's template, or privlm's default when it has none")
+
+    def resolved_template(self) -> Path | None:
+        return _expand(self.template).resolve() if self.template else None
+
+    @field_validator("template")
+    @classmethod
+    def _template_exists(cls, v: str | None) -> str | None:
+        if v is not None and not _expand(v).is_file():
+            raise ValueError(f"{v!r} is not a file; point data.chat.template at a Jinja chat template, or remove it "
+                             "to use the tokenizer's")
+        return v
+
+
 class DataConfig(Strict):
     """Raw inputs, cleaning thresholds, and where the shards go."""
 
+    format: Literal["text", "chat", "preference"] = Field(
+        "text", description="text: documents packed as a token stream; chat: JSONL with `messages` or "
+        "`prompt`/`response`, loss on assistant tokens only; preference: JSONL with `prompt`, `chosen`, `rejected`")
+    chat: ChatDataConfig = Field(default_factory=ChatDataConfig)
     sources: list[DataSource] = Field(min_length=1)
     output_dir: str = "data/{name}"
     num_shards: PosInt = 4
@@ -268,6 +295,10 @@ class DataConfig(Strict):
                 raise ValueError(f"language_filters has {lang!r}, which is not an ISO 639-1 code the detector knows "
                                  "(e.g. zh, en)")
             self.filters_for(lang)  # raises with the field and value when a threshold is out of bounds
+        fixed = [i for i, src in enumerate(self.sources) if src.split is not None]
+        if fixed and self.format == "text":
+            raise ValueError(f"data.sources{fixed} set split, which only chat and preference data take; remove it "
+                             "or set data.format: chat or preference")
         return self
 
     def filters_for(self, lang: str) -> FilterConfig:
@@ -546,6 +577,10 @@ class Recipe(Strict):
                 f"training.sequence_length={self.training.sequence_length} exceeds "
                 f"model.max_position_embeddings={self.model.max_position_embeddings}"
             )
+        if self.data.format != "text" and not self.tokenizer.path:
+            raise ValueError(f"data.format={self.data.format!r} needs tokenizer.path: chat and preference data are "
+                             "tokenized with the base model's tokenizer; set tokenizer.path, e.g. "
+                             "data/tiny-cpu/tokenizer")
         problems = parallel_problems(self, self.training.world_size)
         if problems:
             raise ValueError("\n  - ".join(problems))

@@ -108,10 +108,13 @@ def current_manifest(out: Path, fp: str) -> dict[str, Any] | None:
         return None
     if manifest.get("fingerprint") != fp or not (out / "tokenizer" / "tokenizer.json").is_file():
         return None
-    item = 4 if index["dtype"] == "uint32" else 2
+    import numpy as np
+
+    arrays = {key: np.dtype(name).itemsize for key, name in index.get("arrays", {"file": index["dtype"]}).items()}
     for entries in index["splits"].values():
         for e in entries:
-            f = out / e["file"]
-            if not f.is_file() or f.stat().st_size != e["blocks"] * index["block_size"] * item:
-                return None
+            for key, item in arrays.items():
+                f = out / e[key]
+                if not f.is_file() or f.stat().st_size != e["blocks"] * index["block_size"] * item:
+                    return None
     return manifest

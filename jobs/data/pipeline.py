@@ -14,6 +14,8 @@
 `plan_shards` once, `process_shard(recipe, i, work_dir)` as array task i, `dedup_bucket(recipe, j, work_dir)`
 as task j of a second array, then `finalize(recipe, work_dir)` (which runs any bucket not yet done).
 
+data.format chat and preference skip all of this: `prepare_data` hands them to `jobs.data.chat.prepare_records`.
+
 Files: the work files live in `<data_path>.work/` until the output is published; the output is built in
 `<data_path>.tmp/` and renamed into place, so a failed run leaves the previous output as it was.
 """
@@ -74,7 +76,7 @@ def _tmp_dir_of(recipe: Recipe) -> Path:
     return Path(f"{recipe.data_path}.tmp")
 
 
-def _check_output_dir(out: Path) -> None:
+def check_output_dir(out: Path) -> None:
     """Restore an output whose replacement was interrupted; refuse to replace a directory that is not ours."""
     old = out.with_name(f".{out.name}.old")
     if not out.exists() and old.is_dir():
@@ -90,8 +92,11 @@ def plan_shards(recipe: Recipe, force: bool = False) -> Plan:
     The work directory of an interrupted run with the same fingerprint is kept, so its finished shards are
     not redone; any other is replaced.
     """
+    if recipe.data.format != "text":
+        raise ValueError(f"data.format={recipe.data.format!r} is prepared in one pass, not in shards: run "
+                         "`privlm data prepare RECIPE` (jobs.data.chat.prepare_records)")
     out = recipe.data_path
-    _check_output_dir(out)
+    check_output_dir(out)
     inputs = discover(recipe.data.sources)
     fps = fingerprint(recipe, inputs)
     n = recipe.data.num_shards
@@ -218,6 +223,10 @@ def prepare_data(recipe: Recipe, force: bool = False, console: Any = None, progr
     """Run the whole pipeline for a recipe, or skip it when the output matches the inputs and settings."""
     from rich.console import Console
 
+    if recipe.data.format != "text":  # chat and preference records: one pass, no sharding (jobs.data.chat)
+        from jobs.data.chat import prepare_records
+
+        return prepare_records(recipe, force, console)
     console = console or Console()
     started = time.perf_counter()
     plan = plan_shards(recipe, force)
