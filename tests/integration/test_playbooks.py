@@ -148,6 +148,31 @@ def test_ansible_lint_production_profile_and_syntax_check() -> None:
         assert check.returncode == 0, (inventory, playbook, check.stderr)
 
 
+def test_sysctls_and_memlock_limits_are_written_by_their_modules(slurm_cluster: SlurmCluster) -> None:
+    import yaml
+
+    sysctls = yaml.safe_load((PLAYBOOKS / "roles" / "common" / "defaults" / "main.yml").read_text())["common_sysctls"]
+    written = dict(line.split(" = ", 1) for line in Path("/etc/sysctl.d/90-privlm.conf").read_text().splitlines()
+                   if " = " in line and not line.startswith("#"))
+    assert written == {key: str(value) for key, value in sysctls.items()}
+    limits = [line.split() for line in Path("/etc/security/limits.d/90-privlm-memlock.conf").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert sorted(limits) == [["*", "hard", "memlock", "unlimited"], ["*", "soft", "memlock", "unlimited"]]
+
+
+def test_a_wrong_variable_stops_its_role_before_any_task(tmp_path: Path) -> None:
+    """The argument spec is checked when the role starts: the field and the reason, and not one task run."""
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "ANSIBLE_NOCOLOR": "1"}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"shared_storage_mounts": [{"path": "/shared", "type": "nfs"}]}))  # no source
+    run = subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", "inventories/local/hosts.yml", "site.yml",
+                          "--check", "--tags", "storage", "-e", f"@{bad}"], capture_output=True, text=True,
+                         cwd=PLAYBOOKS, env=env, timeout=300)
+    assert run.returncode == 2, run.stdout[-3000:]
+    assert "missing required arguments: source found in shared_storage_mounts" in run.stdout, run.stdout[-3000:]
+    assert "TASK [shared_storage : Client packages]" not in run.stdout
+
+
 def test_two_nodes_on_one_machine_run_srun_n2_with_accounting(slurm_cluster_2node: SlurmCluster) -> None:
     cluster = slurm_cluster_2node
     assert cluster.nodes == ["n1", "n2"] and cluster.accounting
@@ -160,6 +185,21 @@ def test_two_nodes_on_one_machine_run_srun_n2_with_accounting(slurm_cluster_2nod
                            "-o", "JobName,State,NodeList").stdout
 
     assert wait_for(lambda: "printenv|COMPLETED|n[1-2]" in accounted(), 30), accounted()
+
+
+def test_slurmdbd_uses_its_own_database_user_not_mariadb_root(slurm_cluster_2node: SlurmCluster) -> None:
+    conf = dict(line.split("=", 1) for line in (slurm_cluster_2node.slurm_conf.parent / "slurmdbd.conf")
+                .read_text().splitlines() if "=" in line and not line.startswith("#"))
+    assert (conf["StorageUser"], conf["StorageLoc"]) == ("slurm", "slurm_acct_db")
+    assert conf["StoragePass"] == (slurm_cluster_2node.slurm_conf.parent / "slurmdbd.dbpass").read_text()
+    grants = subprocess.run(["mysql", "-u", "slurm", f"-p{conf['StoragePass']}", "-N", "-e", "SHOW GRANTS"],
+                            capture_output=True, text=True, env={**os.environ, "HOME": "/nonexistent"})
+    assert grants.returncode == 0, grants.stderr
+    assert [line.split(" TO ")[0].split(" IDENTIFIED")[0] for line in grants.stdout.splitlines()] == [
+        "GRANT USAGE ON *.*", "GRANT ALL PRIVILEGES ON `slurm_acct_db`.*"]  # nothing beyond its database
+    denied = subprocess.run(["mysql", "-u", "slurm", f"-p{conf['StoragePass']}", "-e", "SELECT 1 FROM mysql.user"],
+                            capture_output=True, text=True)
+    assert denied.returncode != 0 and "denied" in denied.stderr
 
 
 def test_two_node_cluster_runs_beside_the_one_node_cluster(slurm_cluster: SlurmCluster,
