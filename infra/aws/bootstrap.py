@@ -116,7 +116,7 @@ def boot_script(spec: AwsSpec, group: InstanceGroup | None, facts: BootFacts, in
         f"--query Parameter.Value --output text | base64 -d > {MUNGE_KEY}.new",
         f"install -o munge -g munge -m 0400 {MUNGE_KEY}.new {MUNGE_KEY} && rm {MUNGE_KEY}.new",
         f"python3 -m venv {WORK}/ansible",
-        f"{WORK}/ansible/bin/pip install -q 'ansible-core>=2.17,<2.20' boto3",
+        f"{WORK}/ansible/bin/pip install -q 'ansible>=10,<13' boto3",
         f"{s3}/{facts.playbooks_key} {WORK}/playbooks.zip && unzip -oq {WORK}/playbooks.zip -d {WORK}/playbooks",
         f"{s3}/{inventory_key} {WORK}/hosts.yml",
         f"{s3}/{node_name_key} {WORK}/node_name.py",
