@@ -479,12 +479,43 @@ class LoRAConfig(Strict):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
-class FinetuneConfig(Strict):
-    """Start from a pretrained checkpoint directory or a Hugging Face model directory."""
+class DPOConfig(Strict):
+    """Direct preference optimisation (Rafailov et al. 2023) against a frozen reference model."""
 
-    base: str
-    method: Literal["full", "lora"] = "lora"
+    beta: float = Field(0.1, gt=0, description="strength of the KL tie to the reference")
+    reference: str | None = Field(None, description="frozen reference model directory (default: finetune.base)")
+
+
+class DistillConfig(Strict):
+    """Knowledge distillation (Hinton et al. 2015): loss = T² · KL(teacher_T || student_T) + alpha · CE."""
+
+    teacher: str = Field(description="models:/NAME@alias or models:/NAME/VERSION from the registry, or a model "
+                                     "directory")
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, description="weight of the cross-entropy on the data's labels")
+
+
+class FinetuneConfig(Strict):
+    """Start from a pretrained checkpoint directory or a Hugging Face model directory.
+
+    method: full (every weight) or lora (adapters) — on text or chat data (`data.format`); dpo on preference
+    pairs (full weights, or adapters with `lora_adapters`); distill: a student of `model`'s shape (from `base`
+    when given, else freshly initialised) learns from `distill.teacher`."""
+
+    base: str | None = None
+    method: Literal["full", "lora", "dpo", "distill"] = "lora"
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    distill: DistillConfig | None = None
+
+    @model_validator(mode="after")
+    def _method(self) -> FinetuneConfig:
+        if self.method != "distill" and not self.base:
+            raise ValueError(f"finetune.method={self.method!r} needs finetune.base (the model to start from)")
+        if self.method == "distill" and self.distill is None:
+            raise ValueError("finetune.method='distill' needs finetune.distill.teacher, e.g. "
+                             "models:/privlm-tiny@champion")
+        return self
 
 
 class ABPolicy(Strict):
@@ -581,6 +612,12 @@ class Recipe(Strict):
             raise ValueError(f"data.format={self.data.format!r} needs tokenizer.path: chat and preference data are "
                              "tokenized with the base model's tokenizer; set tokenizer.path, e.g. "
                              "data/tiny-cpu/tokenizer")
+        ft = self.finetune
+        if ft is not None and ft.method == "dpo" and self.data.format != "preference":
+            raise ValueError(f"finetune.method='dpo' trains on preference pairs but data.format={self.data.format!r}; "
+                             "set data.format: preference (prompt, chosen, rejected)")
+        if self.data.format == "preference" and (ft is None or ft.method != "dpo"):
+            raise ValueError("data.format='preference' is for finetune.method: dpo")
         problems = parallel_problems(self, self.training.world_size)
         if problems:
             raise ValueError("\n  - ".join(problems))
@@ -658,6 +695,13 @@ def parallel_problems(recipe: Recipe, world_size: int) -> list[str]:
             if value % t:
                 out.append(f"{name}={value} is not divisible by parallel.tensor={t}: AutoTP splits heads evenly; "
                            f"use a tensor degree that divides {value}")
+    if (t > 1 or p > 1) and recipe.finetune is not None and recipe.finetune.method in ("dpo", "distill"):
+        out.append(f"finetune.method={recipe.finetune.method!r} with parallel.tensor={t}, parallel.pipeline={p}: "
+                   "the second (reference or teacher) model runs beside the data-parallel engine only; set "
+                   "parallel.tensor and parallel.pipeline to 1")
+    if p > 1 and recipe.data.format != "text":
+        out.append(f"data.format={recipe.data.format!r} with parallel.pipeline={p}: the pipeline stages take no "
+                   "attention mask for packed samples; set parallel.pipeline: 1")
     if (t > 1 or p > 1) and recipe.finetune is not None and recipe.finetune.method == "lora":
         out.append(f"finetune.method='lora' with parallel.tensor={t}, parallel.pipeline={p}: adapters train with "
                    "data parallelism only; set parallel.tensor and parallel.pipeline to 1 (ZeRO-3 fits large bases)")

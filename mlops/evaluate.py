@@ -34,7 +34,7 @@ def perplexity(model: Any, data_dir: Path, max_blocks: int, batch: int = 8) -> t
     if n == 0:
         raise RegistryError(f"{data_dir} has no eval blocks; prepare it with data.eval_fraction > 0")
     model.eval()
-    total, count = split_loss(lambda ids: model(input_ids=ids).logits, data, batch, n)
+    total, count = split_loss(lambda inputs: model(**inputs).logits, data, batch, n)
     return math.exp(total / count), n
 
 

@@ -123,9 +123,10 @@ def train(recipe: Recipe) -> int:
     if t.early_stopping is not None and s.pos.best_step not in (None, s.pos.step):
         s.restore_best()  # export the best validated weights
     eval_loss = runner.eval_loss(data.eval) if data.eval is not None else None
-    _export(recipe, runner, rank, s.pos, layout, eval_loss)
+    method_eval = _method_eval(recipe, runner, data)
+    _export(recipe, runner, rank, s.pos, layout, eval_loss, method_eval)
     summary = {"event": "finished", "step": final_step, "exported_step": s.pos.step, "tokens": s.pos.tokens,
-               "samples": s.pos.samples, "eval_loss": eval_loss,
+               "samples": s.pos.samples, "eval_loss": eval_loss, **method_eval,
                "eval_perplexity": float(np.exp(eval_loss)) if eval_loss is not None else None,
                "best_step": s.pos.best_step, "early_stopped": final_step < t.total_steps,
                "guard_rollbacks": s.pos.rollbacks, "skipped_batches": len(s.pos.skips),
@@ -197,7 +198,7 @@ class _Session:
         self.start = self.pos.next_batch_start(t.global_batch_size)
         self.micro = self.data.micro_batches(self.start, self.runner.layout)
         scale = float("nan") if ckpt.fault_at("bad_batch", self.start // t.global_batch_size + 1, self.rank) else 1.0
-        return self.runner.train_step([self.data.train.get_blocks(i) for i in self.micro], scale)
+        return self.runner.train_step([self.data.train.get_batch(i) for i in self.micro], scale)
 
     def advance(self, loss: float, micro_count: int, norm_before: float | None) -> None:
         """Count the step that every rank agreed was good; log the interval's mean loss when due."""
@@ -216,7 +217,8 @@ class _Session:
             return
         mean_loss, = all_reduce_mean([self.loss_sum / self.loss_count])
         record = {"step": pos.step, "loss": mean_loss, "lr": self.runner.engine.get_lr()[0], "tokens": pos.tokens,
-                  "samples": pos.samples, "grad_norm": self.runner.grad_norm(norm_before), **self.meter.report()}
+                  "samples": pos.samples, "grad_norm": self.runner.grad_norm(norm_before), **self.meter.report(),
+                  **self.runner.objective.report()}
         self.metrics.write(record)
         self.log(format_step(record, t.total_steps))
         self.progress.advance(pos.step, f"loss {record['loss']:.3f}")
@@ -239,7 +241,7 @@ class _Session:
             pos.evals_since_best += 1
         seconds = time.perf_counter() - started
         self.metrics.write({"event": "eval", "step": pos.step, "eval_loss": loss, "best_step": pos.best_step,
-                            "eval_blocks": len(data), "seconds": seconds})
+                            "eval_blocks": len(data), "seconds": seconds, **self.runner.objective.eval_report()})
         self.log(f"eval step {pos.step}: loss {loss:.4f} on {len(data)} blocks in {seconds:.2f}s"
                  f"{' (best)' if improved else f', best {pos.best_loss:.4f} at step {pos.best_step}'}")
         return improved and es is not None, es is not None and pos.evals_since_best >= es.patience
@@ -385,7 +387,7 @@ def _build(recipe: Recipe, rank: RankInfo, eos_id: int) -> tuple[Any, int]:
     from jobs.train.model import build_model, load_pretrained
 
     ft = recipe.finetune
-    if ft is None:
+    if ft is None or ft.base is None:  # pretraining, or a distillation student of the recipe's shape
         model = build_model(recipe.model, recipe.training.seed, eos_id)
     elif (Path(ft.base) / "config.json").is_file():
         model = load_pretrained(ft.base)
@@ -498,11 +500,31 @@ class _SampleLog:
                                    "ids": ids}) + "\n")
 
 
-def _export(recipe: Recipe, runner: Any, rank: RankInfo, pos: Position, layout: Any, eval_loss: float | None) -> None:
+def _method_eval(recipe: Recipe, runner: Any, data: TrainData) -> dict[str, Any]:
+    """What the method is judged on besides eval loss: DPO's held-out preference accuracy and reward margin
+    (from the final validation pass), the distillation teacher's loss on the same split."""
+    ft = recipe.finetune
+    if ft is None or data.eval is None:
+        return {}
+    if ft.method == "dpo":
+        return runner.objective.eval_report()
+    if ft.method == "distill":
+        from jobs.train.methods import teacher_version
+
+        teacher_loss = runner.eval_loss(data.eval, teacher=True)
+        return {"teacher_eval_loss": teacher_loss, "teacher_eval_perplexity": float(np.exp(teacher_loss)),
+                "teacher": teacher_version(ft.distill.teacher) or ft.distill.teacher}
+    return {}
+
+
+def _export(recipe: Recipe, runner: Any, rank: RankInfo, pos: Position, layout: Any, eval_loss: float | None,
+            method_eval: dict[str, Any]) -> None:
     from jobs.train.export import export_full, export_lora
 
-    lineage = {**_meta(recipe, pos, layout), "step": pos.step, "eval_loss": eval_loss,
-               "base_model": recipe.finetune.base if recipe.finetune else None}
+    ft = recipe.finetune
+    lineage = {**_meta(recipe, pos, layout), "step": pos.step, "eval_loss": eval_loss, **method_eval,
+               "method": ft.method if ft else "pretrain", "data_format": recipe.data.format,
+               "base_model": ft.base if ft else None}
     tokenizer_dir, run = recipe.data_path / "tokenizer", RunDir.of(recipe)
     out = run.model_dir
     if _is_lora(recipe):

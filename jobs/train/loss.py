@@ -53,23 +53,27 @@ def share_batches(num_blocks: int, share: int, shares: int, batch: int, limit: i
 
 
 def batch_with_labels(data: Any, ids: np.ndarray) -> tuple[Any, Any]:
-    """(input_ids, labels) for block ids; a padding id (-1) gives a row of block 0 labelled IGNORE."""
+    """(input_ids, labels) for block ids (`PackedDataset.get_batch`: a padding id -1 gives a row labelled
+    IGNORE; chat data is labelled on assistant tokens only)."""
     import torch
 
-    blocks = torch.from_numpy(data.get_blocks(np.where(ids < 0, 0, ids)).astype(np.int64))
-    labels = blocks.clone()
-    labels[torch.from_numpy(ids < 0)] = IGNORE
-    return blocks, labels
+    batch = data.get_batch(ids)
+    return torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["labels"])
 
 
-def split_loss(logits_of: Callable[[Any], Any], data: Any, batch: int, limit: int | None = None) -> tuple[float, int]:
-    """(loss sum, predicted positions) over the first `limit` blocks (None: all) of a split, in one process."""
+def split_loss(logits_of: Callable[[dict[str, Any]], Any], data: Any, batch: int,
+               limit: int | None = None) -> tuple[float, int]:
+    """(loss sum, predicted positions) over the first `limit` blocks (None: all) of a split, in one process;
+    `logits_of` takes the model's keyword inputs (jobs.train.methods.model_inputs: packed chat blocks come
+    with their block-diagonal attention mask and positions)."""
     import torch
+
+    from jobs.train.methods import model_inputs
 
     total, count = 0.0, 0
     with torch.no_grad():
         for ids in share_batches(len(data), 0, 1, batch, limit):
-            inputs, labels = batch_with_labels(data, ids)
-            s, c = token_loss_sum(logits_of(inputs), labels)
+            tensors = {k: torch.from_numpy(v) for k, v in data.get_batch(ids).items()}
+            s, c = token_loss_sum(logits_of(model_inputs(tensors, dtype=torch.float32)), tensors["labels"])
             total, count = total + float(s), count + c
     return total, count

@@ -69,24 +69,31 @@ class Runner:
                                                     config=config)
         if self.layout.pipeline == 1 and rank.rank:
             self.full_model = None
+        from jobs.train.methods import objective_for
+
+        self.objective = objective_for(recipe, rank, next(module.parameters()).dtype)
+
+    def _tensors(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        return {k: self._to_device(torch.from_numpy(v)) for k, v in batch.items()}
 
     def _to_device(self, tensor: Any) -> Any:
         return tensor.to(f"cuda:{self.rank.local_rank}") if self.rank.device == "cuda" else tensor
 
-    def train_step(self, micro_batches: list[np.ndarray], loss_scale: float = 1.0) -> tuple[float, int, float | None]:
-        """One optimizer step over this rank's micro-batches: (sum of micro-batch losses, how many, grad norm
-        computed before the step where DeepSpeed keeps none). `loss_scale` exists for fault injection."""
-        import torch
-
+    def train_step(self, micro_batches: list[dict[str, np.ndarray]],
+                   loss_scale: float = 1.0) -> tuple[float, int, float | None]:
+        """One optimizer step over this rank's micro-batches (`PackedDataset.get_batch` dicts): (sum of
+        micro-batch losses, how many, grad norm computed before the step where DeepSpeed keeps none).
+        `loss_scale` exists for fault injection."""
         engine = self.engine
-        if self.layout.pipeline > 1:
-            batches = iter([(b, b) for b in (self._to_device(torch.from_numpy(m)) for m in micro_batches)])
+        if self.layout.pipeline > 1:  # text only (the recipe refuses other data): labels are the inputs
+            batches = iter([(b["input_ids"], b["input_ids"]) for b in map(self._tensors, micro_batches)])
             loss = float(engine.train_batch(data_iter=batches)) * loss_scale
             return loss * len(micro_batches), len(micro_batches), None
         total, norm = 0.0, None
-        for i, blocks in enumerate(micro_batches):
-            batch = self._to_device(torch.from_numpy(blocks))
-            loss = engine(input_ids=batch, labels=batch).loss * loss_scale
+        for i, micro in enumerate(micro_batches):
+            loss = self.objective.loss(engine, self._tensors(micro)) * loss_scale
             engine.backward(loss)
             if i == len(micro_batches) - 1:
                 norm = _grad_norm_before_step(engine)
@@ -99,9 +106,10 @@ class Runner:
         norm = self.engine.get_global_grad_norm() if before is None else before
         return float(norm) if norm is not None else float("nan")
 
-    def eval_loss(self, data: Any, limit: int | None = None) -> float:
-        """Eval loss (jobs.train.loss) over the whole split (or its first `limit` blocks), each data-parallel
-        rank taking a strided share; every rank returns the same value."""
+    def eval_loss(self, data: Any, limit: int | None = None, teacher: bool = False) -> float:
+        """The method's held-out loss (jobs.train.loss for language modelling, DPO's loss on held-out pairs)
+        over the whole split (or its first `limit` blocks), each data-parallel rank taking a strided share;
+        every rank returns the same value. `teacher`: the distillation teacher's loss on the same split."""
         import torch
 
         mb = self.recipe.training.micro_batch_size
@@ -122,15 +130,14 @@ class Runner:
             counted, = all_reduce_sum([count / (self.layout.pipeline * self.layout.tensor)])
             return total / counted
         engine.eval()
-        total, count = 0.0, 0
+        total, count = 0.0, 0.0
         with torch.no_grad():
             for ids in batches:
-                inputs, labels = batch_with_labels(data, ids)
                 # the model's own loss: under AutoTP the logits are vocabulary shards and DeepSpeed swaps in a
                 # vocab-parallel cross-entropy; it is the mean over predicted positions, so sum = mean x count
-                c = predicted_positions(labels)
-                loss = engine(input_ids=self._to_device(inputs), labels=self._to_device(labels)).loss
-                total, count = total + (float(loss) * c if c else 0.0), count + c
+                batch = self._tensors(data.get_batch(ids))
+                s, c = self.objective.teacher_eval_sums(batch) if teacher else self.objective.eval_sums(engine, batch)
+                total, count = total + s, count + c
         engine.train()
         # tensor-parallel ranks of one group computed the same share: count it once
         total, counted = all_reduce_sum([total / self.layout.tensor, count / self.layout.tensor])

@@ -46,6 +46,7 @@ def recipe_for(tmp: Path, tok: Path, fmt: str, sources: list[dict[str, Any]], le
         "tokenizer": {"path": str(tok)},
         "data": {"format": fmt, "sources": sources, "output_dir": str(tmp / "out"), "chat": chat},
         "training": {"sequence_length": length, "max_steps": 2, "warmup_steps": 0},
+        **({"finetune": {"method": "dpo", "base": str(tok)}} if fmt == "preference" else {}),
     })
 
 

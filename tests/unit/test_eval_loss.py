@@ -24,8 +24,9 @@ class Blocks:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def get_blocks(self, ids: np.ndarray) -> np.ndarray:
-        return self.rows[ids]
+    def get_batch(self, ids: np.ndarray) -> dict[str, np.ndarray]:  # PackedDataset's contract for text data
+        rows = self.rows[np.where(ids < 0, 0, ids)]
+        return {"input_ids": rows, "labels": np.where((ids < 0)[:, None], IGNORE, rows)}
 
 
 def test_split_loss_is_the_token_weighted_model_loss() -> None:
@@ -35,7 +36,7 @@ def test_split_loss_is_the_token_weighted_model_loss() -> None:
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2)).eval()
     data = Blocks(5, 16)
-    total, count = split_loss(lambda ids: model(input_ids=ids).logits, data, batch=2)  # 3 batches, one padded row
+    total, count = split_loss(lambda inputs: model(**inputs).logits, data, batch=2)  # 3 batches, one padded row
     ids = torch.from_numpy(data.rows)
     with torch.no_grad():
         whole = float(model(input_ids=ids, labels=ids).loss)  # Hugging Face's mean over all predicted positions
