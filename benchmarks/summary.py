@@ -112,6 +112,15 @@ def rows() -> tuple[list[str], list[str]]:
         out.append(_row("training tokens/s (DeepSpeed, 2 ranks)", f"{t['tokens_per_s']:,.0f}",
                         f"{b['tokens_per_s']:,.0f} (plain PyTorch loop)", train["ratio_tokens_per_s"],
                         f">= {train['target_ratio']}", train["ratio_tokens_per_s"] >= train["target_ratio"]))
+        for key, label in (("tensor2", "tensor parallel T=2"), ("pipeline2", "pipeline parallel P=2")):
+            layout = train.get("parallel_layouts_2_ranks", {}).get(key)
+            if layout:
+                zero1 = train["parallel_layouts_2_ranks"]["zero1"]["tokens_per_s"]
+                out.append(_row(f"training tokens/s, {label} (2 ranks)", f"{layout['tokens_per_s']:,.0f}",
+                                f"{zero1:,.0f} (ZeRO-1, 2 data-parallel ranks)", layout["ratio_to_zero1"], "-", None))
+        if train.get("resume_2_to_1_ranks_s") is not None:
+            out.append(_row("resume a 2-rank checkpoint on 1 rank (s)", f"{train['resume_2_to_1_ranks_s']:.2f}",
+                            f"{t['checkpoint_save_s']:.2f} (writing it)", None, "-", None))
         machines.append(("train.json", train["machine"]))
     serve = _load("serve")
     if serve and "ratio_to_bare_vllm_at_8" in serve:

@@ -46,8 +46,11 @@ def evaluate(name: str, version: str,
         result = evaluate_version(name, version, data, max_blocks)
     except RegistryError as exc:
         _fail(exc)
-    typer.echo(f"{name}/{result['version']}: perplexity {result['eval_perplexity']:.3f} on {result['eval_blocks']} "
-               f"blocks; generation {'ok' if result['generation_ok'] else 'FAILED'}: {result['sample']!r}")
+    measure = (f"preference accuracy {result['eval_preference_accuracy']:.3f} on {result['eval_pairs']} held-out pairs"
+               if "eval_preference_accuracy" in result else
+               f"perplexity {result['eval_perplexity']:.3f} on {result['eval_blocks']} blocks")
+    typer.echo(f"{name}/{result['version']}: {measure}; generation {'ok' if result['generation_ok'] else 'FAILED'}: "
+               f"{result['sample']!r}")
 
 
 @model_app.command("quantize")

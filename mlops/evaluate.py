@@ -38,6 +38,39 @@ def perplexity(model: Any, data_dir: Path, max_blocks: int, batch: int = 8) -> t
     return math.exp(total / count), n
 
 
+def preference_accuracy(model: Any, data_dir: Path, max_pairs: int, reference: Any = None,
+                        batch: int = 8) -> tuple[float, float, int]:
+    """(preference accuracy, mean reward margin, pairs) on the first `max_pairs` held-out pairs: the share of
+    pairs whose implicit reward log π(chosen) - log π(rejected), less the reference's, is positive — DPO's own
+    measure (the in-run `eval_preference_accuracy`); without a reference, the policy's margin alone."""
+    import torch
+
+    from jobs.data.pack import PackedDataset
+    from jobs.train.loss import IGNORE, share_batches
+    from jobs.train.methods import model_inputs
+    from jobs.train.objectives import sequence_logps
+
+    data = PackedDataset(data_dir, "eval")
+    n = min(len(data), max_pairs)
+    if n == 0:
+        raise RegistryError(f"{data_dir} has no held-out pairs; add a source with split: eval")
+
+    def margin(m: Any, t: dict[str, Any]) -> Any:
+        sides = [sequence_logps(m(**model_inputs(t, side, torch.float32)).logits, t[f"{side}labels"])
+                 for side in ("chosen_", "rejected_")]
+        return sides[0] - sides[1]
+
+    wins, margins = 0, []
+    with torch.no_grad():
+        for ids in share_batches(len(data), 0, 1, batch, n):
+            t = {k: torch.from_numpy(v) for k, v in data.get_batch(ids).items()}
+            real = (t["chosen_labels"][:, 1:] != IGNORE).any(dim=1)
+            m = margin(model, t) - (margin(reference, t) if reference is not None else 0.0)
+            wins += int((m[real] > 0).sum())
+            margins += m[real].tolist()
+    return wins / len(margins), sum(margins) / len(margins), len(margins)
+
+
 def generation_check(model: Any, tokenizer: Any, new_tokens: int = 24) -> dict[str, Any]:
     """Greedy continuation of a fixed prompt: it must produce tokens, and not one token repeated."""
     import torch
@@ -52,11 +85,20 @@ def generation_check(model: Any, tokenizer: Any, new_tokens: int = 24) -> dict[s
             "passed": len(generated) > 0 and distinct > 0.1}
 
 
-def score(model: Any, tokenizer: Any, data: Path, max_blocks: int) -> tuple[dict[str, float], str]:
-    """Perplexity and the generation check of a loaded model: (metrics, generated sample)."""
+def score(model: Any, tokenizer: Any, data: Path, max_blocks: int,
+          reference: Any = None) -> tuple[dict[str, float], str]:
+    """The measure the data calls for, and the generation check of a loaded model: (metrics, generated sample).
+    Text: perplexity; chat: perplexity of the assistant's tokens; preference pairs: preference accuracy."""
+    from jobs.data.pack import PackedDataset
+
     t0 = time.perf_counter()
-    ppl, blocks = perplexity(model, data, max_blocks)
     sanity = generation_check(model, tokenizer)
+    if PackedDataset(data, "eval").format == "preference":
+        accuracy, margin, pairs = preference_accuracy(model, data, max_blocks, reference)
+        return ({"eval_preference_accuracy": accuracy, "eval_reward_margin": margin, "eval_pairs": pairs,
+                 "generation_ok": float(sanity["passed"]), "generation_distinct_ratio": sanity["distinct_ratio"],
+                 "eval_seconds": time.perf_counter() - t0}, sanity["text"])
+    ppl, blocks = perplexity(model, data, max_blocks)
     return ({"eval_perplexity": ppl, "eval_loss": math.log(ppl), "eval_blocks": blocks,
              "generation_ok": float(sanity["passed"]), "generation_distinct_ratio": sanity["distinct_ratio"],
              "eval_seconds": time.perf_counter() - t0}, sanity["text"])
@@ -87,9 +129,19 @@ def evaluate_version(name: str, version: str, data_dir: Path | None = None, max_
     mv = get_version(name, version, uri)
     data = eval_data_dir(mv, data_dir)
     model, tokenizer = _load_for_eval(mv, uri)
-    result, sample = score(model, tokenizer, data, max_blocks)
+    result, sample = score(model, tokenizer, data, max_blocks, _reference_for(mv))
     dataset = log_evaluation(name, str(mv.version), result, data, sample, uri)
     return {**result, "dataset": dataset, "sample": sample, "version": str(mv.version)}
+
+
+def _reference_for(mv: Any) -> Any:
+    """A DPO version's frozen reference (its base model directory, when still on disk), else None."""
+    base = mv.tags.get("privlm.reference_model_dir") or mv.tags.get("privlm.base_model_dir")
+    if mv.tags.get("privlm.method") != "dpo" or not base or not (Path(base) / "config.json").is_file():
+        return None
+    from jobs.train.model import load_pretrained
+
+    return load_pretrained(base).eval()
 
 
 def _load_for_eval(mv: Any, uri: str | None) -> tuple[Any, Any]:

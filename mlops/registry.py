@@ -52,6 +52,12 @@ def lineage_tags(run_dir: Path) -> dict[str, str]:
         tags["privlm.train_eval_loss"] = f"{lineage['eval_loss']:.6f}"
     if lineage.get("base_model"):
         tags["privlm.base_model_dir"] = str(Path(lineage["base_model"]).resolve())
+    tags["privlm.method"] = lineage.get("method") or ("full" if lineage.get("base_model") else "pretrain")
+    tags["privlm.data_format"] = lineage.get("data_format") or "text"
+    if lineage.get("reference_model"):  # DPO: what its preference accuracy is measured against
+        tags["privlm.reference_model_dir"] = str(Path(lineage["reference_model"]).resolve())
+    if lineage.get("teacher"):  # distillation: the teacher version is the parent
+        tags["privlm.teacher"] = tags["privlm.parent"] = lineage["teacher"]
     return tags
 
 
