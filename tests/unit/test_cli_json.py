@@ -230,3 +230,14 @@ def test_a_missing_extra_names_the_pip_install(monkeypatch: pytest.MonkeyPatch, 
     with pytest.raises(SystemExit) as stopped:
         main()
     assert stopped.value.code == 5 and 'pip install "privlm[serve]"' in capsys.readouterr().err
+
+
+def test_serve_api_key_is_added_to_the_keys_the_gateway_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.auth import env_key_hashes, hash_key
+    from serving.cli import add_api_key
+
+    monkeypatch.setenv("PRIVLM_API_KEYS", "sk-a")
+    add_api_key("PRIVLM_API_KEYS", " sk-b ")
+    add_api_key("PRIVLM_API_KEYS", "sk-a")
+    assert os.environ["PRIVLM_API_KEYS"] == "sk-a,sk-b"
+    assert env_key_hashes("PRIVLM_API_KEYS") == {hash_key("sk-a"), hash_key("sk-b")}
