@@ -229,6 +229,8 @@ def follow_log(rec: JobRecord, lines: int, interval: float, emit: Callable[[str]
         files = log_files(rec)
         if not files:
             return
+        if files[0].stat().st_size < offset:  # rewritten (a requeued job's new log): start again at its top
+            offset, partial = 0, ""
         with files[0].open("rb") as log:
             log.seek(offset)
             chunk = log.read()
