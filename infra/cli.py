@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
@@ -76,7 +77,9 @@ STACK_HELP = "stack name (infra/stacks/Pulumi.STACK.yaml, else the template infr
 
 
 @infra_app.command("validate")
-def validate_cmd(stack: str = typer.Argument(..., help=STACK_HELP)) -> None:
+def validate_cmd(stack: str = typer.Argument(..., help=STACK_HELP),
+                 as_json: bool = typer.Option(False, "--json", help="one JSON object: cluster, errors, findings")
+                 ) -> None:
     """The spec rules' errors and warnings for a stack; exit 0 when `pulumi up` would start, 2 otherwise."""
     from infra.offline import stack_config
     from infra.spec import SpecError, check_spec, parse_spec
@@ -87,15 +90,22 @@ def validate_cmd(stack: str = typer.Argument(..., help=STACK_HELP)) -> None:
         typer.secho(f"{stack}: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
     findings = check_spec(spec)
+    errors = sum(f.level == "error" for f in findings)
+    if as_json:
+        typer.echo(json.dumps({"stack": stack, "cluster": spec.name, "errors": errors,
+                               "warnings": len(findings) - errors, "findings": [asdict(f) for f in findings]},
+                              indent=1))
+        raise typer.Exit(2 if errors else 0)
     for finding in findings:
         typer.secho(str(finding), fg="red" if finding.level == "error" else "yellow")
-    errors = sum(f.level == "error" for f in findings)
     typer.echo(f"{spec.name}: {errors} errors, {len(findings) - errors} warnings")
     raise typer.Exit(2 if errors else 0)
 
 
 @infra_app.command("check")
-def check_cmd(stack: str = typer.Argument(..., help=STACK_HELP)) -> None:
+def check_cmd(stack: str = typer.Argument(..., help=STACK_HELP),
+              as_json: bool = typer.Option(False, "--json", help="one JSON object: resources, policies, findings")
+              ) -> None:
     """Run the Pulumi program offline (SDK mocks) and the policy pack (infra/policy) on its resources; exit 1 on
     an error."""
     from infra.offline import check, resource_types, run, stack_config
@@ -107,12 +117,19 @@ def check_cmd(stack: str = typer.Argument(..., help=STACK_HELP)) -> None:
     except (SpecError, FileNotFoundError) as exc:
         typer.secho(f"{stack}: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
-    for finding in check_spec(parse_spec(stack_config(stack)["privlm:cluster"])):  # errors stopped run() already
-        typer.secho(str(finding), fg="yellow")
+    spec_findings = check_spec(parse_spec(stack_config(stack)["privlm:cluster"]))  # errors stopped run() already
     findings = check(graph)
+    errors = sum(f.level == "error" for f in findings)
+    if as_json:
+        typer.echo(json.dumps({"stack": stack, "resources": graph.count(), "resource_types": resource_types(graph),
+                               "policies": [p.name for p in POLICIES], "errors": errors,
+                               "findings": [asdict(f) for f in findings],
+                               "spec_warnings": [asdict(f) for f in spec_findings]}, indent=1))
+        raise typer.Exit(1 if errors else 0)
+    for finding in spec_findings:
+        typer.secho(str(finding), fg="yellow")
     for finding in findings:
         typer.secho(str(finding), fg="red" if finding.level == "error" else "yellow")
-    errors = sum(f.level == "error" for f in findings)
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(resource_types(graph).items()))
     typer.echo(f"{graph.count()} resources ({kinds})")
     typer.echo(f"{errors} violations of {len(POLICIES)} policies ({', '.join(p.name for p in POLICIES)})")

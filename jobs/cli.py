@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from jobs.launch.records import JobRecord
 
 data_app = typer.Typer(help="Turn raw text into deduplicated, redacted, tokenized training shards.",
                        no_args_is_help=True)
@@ -131,19 +136,31 @@ def data_submit(recipe: Path = RecipeArg, overrides: list[str] = OverrideOpt,
                f"global pass (job {sub.finalize.job_id}, after them) ({kind})")
 
 
+def _job_fields(rec: JobRecord, info: dict[str, Any]) -> dict[str, Any]:
+    """One job as `jobs list --json` and `jobs status --json` print it."""
+    return {"job": rec.job_id, "kind": rec.kind, "recipe": rec.name, "executor": rec.executor, **info,
+            "run": rec.run_dir, "submitted_at": rec.submitted_at}
+
+
 @jobs_app.command("list")
-def jobs_list(all_jobs: bool = typer.Option(False, "--all", help="also jobs that have ended")) -> None:
+def jobs_list(all_jobs: bool = typer.Option(False, "--all", help="also jobs that have ended"),
+              as_json: bool = typer.Option(False, "--json", help="a JSON list, one object per job")) -> None:
     """Submitted jobs with their state, restarts and last checkpoint."""
     from rich.console import Console
     from rich.table import Table
 
     from jobs.launch.records import ACTIVE, load_records, state
 
-    table = Table("job", "kind", "recipe", "executor", "state", "restarts", "resumes", "checkpoint", "nodes")
+    rows = []
     for rec in load_records():
         info = state(rec)
-        if not all_jobs and str(info["state"]).split()[0] not in ACTIVE:
-            continue
+        if all_jobs or str(info["state"]).split()[0] in ACTIVE:
+            rows.append((rec, info))
+    if as_json:
+        typer.echo(json.dumps([_job_fields(rec, info) for rec, info in rows], indent=1, default=str))
+        return
+    table = Table("job", "kind", "recipe", "executor", "state", "restarts", "resumes", "checkpoint", "nodes")
+    for rec, info in rows:
         table.add_row(rec.job_id, rec.kind, rec.name, rec.executor, str(info["state"]),
                       str(info["restarts"] if info["restarts"] is not None else "-"), str(info["resumes"]),
                       str(info["last_checkpoint"] if info["last_checkpoint"] is not None else "-"),
@@ -163,24 +180,78 @@ def _record(job_id: str):
 
 @jobs_app.command("status")
 def jobs_status(job_id: str = typer.Argument(..., help="job id from `train submit` or `jobs list`"),
-                lines: int = typer.Option(10, help="log lines to show")) -> None:
+                lines: int = typer.Option(10, help="log lines to show"),
+                as_json: bool = typer.Option(False, "--json", help="one JSON object (the log tail as `log`)")) -> None:
     """One job: state, restarts, resumes, last checkpoint and the tail of its log."""
     from jobs.launch.records import state, tail
 
     rec = _record(job_id)
-    info = state(rec)
-    for key, value in {"job": rec.job_id, "kind": rec.kind, "recipe": rec.name, "executor": rec.executor,
-                       **info, "run": rec.run_dir}.items():
-        typer.echo(f"{key:>16}: {value}")
+    fields = _job_fields(rec, state(rec))
+    if as_json:
+        typer.echo(json.dumps({**fields, "log": tail(rec, lines).splitlines()}, indent=1, default=str))
+        return
+    for key, value in fields.items():
+        if key != "submitted_at":
+            typer.echo(f"{key:>16}: {value}")
     typer.echo(tail(rec, lines))
 
 
 @jobs_app.command("logs")
-def jobs_logs(job_id: str = typer.Argument(...), lines: int = typer.Option(40, "--lines", "-n")) -> None:
-    """The last lines of a job's log (rank 0)."""
+def jobs_logs(job_id: str = typer.Argument(...), lines: int = typer.Option(40, "--lines", "-n"),
+              follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new lines until the job ends"),
+              interval: float = typer.Option(1.0, help="seconds between polls with --follow")) -> None:
+    """The last lines of a job's log (rank 0); with --follow, then every new line until the job ends."""
     from jobs.launch.records import tail
 
-    typer.echo(tail(_record(job_id), lines))
+    rec = _record(job_id)
+    if not follow:
+        typer.echo(tail(rec, lines))
+        return
+    try:
+        final = follow_log(rec, lines, interval, typer.echo)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    typer.secho(f"job {rec.job_id} ended: {final}", err=True)
+
+
+def follow_log(rec: JobRecord, lines: int, interval: float, emit: Callable[[str], None],
+               state_every_s: float = 5.0) -> str:
+    """Emit the last LINES lines of task 0's log, then each line appended to it, until the job is no longer
+    active; return its final state. The scheduler is asked at most every STATE_EVERY_S seconds."""
+    import time
+
+    from jobs.launch.records import ACTIVE, log_files, state
+
+    offset, partial, started = 0, "", False
+
+    def emit_new(final: bool) -> None:
+        nonlocal offset, partial, started
+        files = log_files(rec)
+        if not files:
+            return
+        if files[0].stat().st_size < offset:  # rewritten (a requeued job's new log): start again at its top
+            offset, partial = 0, ""
+        with files[0].open("rb") as log:
+            log.seek(offset)
+            chunk = log.read()
+        offset += len(chunk)
+        *complete, partial = (partial + chunk.decode(errors="replace")).split("\n")
+        if final and partial:
+            complete, partial = [*complete, partial], ""
+        for line in complete if started else complete[-lines:]:
+            emit(line)
+        started = True
+
+    next_state = 0.0
+    while True:
+        emit_new(final=False)
+        if time.monotonic() >= next_state:
+            current = str(state(rec)["state"])
+            next_state = time.monotonic() + state_every_s
+            if current.split()[0] not in ACTIVE:
+                emit_new(final=True)  # what the job wrote between the last read and its end
+                return current
+        time.sleep(interval)
 
 
 @jobs_app.command("preempt")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -117,9 +118,15 @@ def check_cloud() -> list[Finding]:
                     "curl -fsSL https://get.pulumi.com | sh (only for pulumi up)", required=False)]
 
 
-def run_doctor() -> int:
-    """Print the findings; exit 0 when the demo can run (every required check passes)."""
+def run_doctor(as_json: bool = False) -> int:
+    """Print the findings (a table, or one JSON object); exit 0 when the demo can run (every required check
+    passes), 1 otherwise."""
     findings = check_python() + check_train() + check_serve() + check_slurm() + check_mlflow() + check_cloud()
+    blocking = [f for f in findings if f.required and not f.ok]
+    if as_json:
+        print(json.dumps({"ok": not blocking, "blocking": len(blocking), "findings": [asdict(f) for f in findings]},
+                         indent=1))
+        return 1 if blocking else 0
     table = Table(title="privlm doctor")
     for col in ("station", "check", "status", "detail", "fix"):
         table.add_column(col)
@@ -127,6 +134,5 @@ def run_doctor() -> int:
         status = "[green]ok" if f.ok else ("[red]missing" if f.required else "[yellow]optional")
         table.add_row(f.station, f.check, status, f.detail, "" if f.ok else f.fix)
     Console().print(table)
-    blocking = [f for f in findings if f.required and not f.ok]
     Console().print("the demo can run" if not blocking else f"{len(blocking)} problem(s) block the demo")
     return 1 if blocking else 0

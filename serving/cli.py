@@ -36,6 +36,12 @@ def load_settings(config: Path | None, overrides: dict[str, Any]) -> Any:
     return ServeSettings.model_validate({**args, **{k: v for k, v in overrides.items() if v is not None}})
 
 
+def add_api_key(env: str, key: str) -> None:
+    """Add KEY to the comma-separated keys in $ENV, which `prepare` folds into the gateway's hashes."""
+    keys = [k.strip() for k in os.environ.get(env, "").split(",") if k.strip()]
+    os.environ[env] = ",".join([*keys, key.strip()] if key.strip() not in keys else keys)
+
+
 def ray_cli() -> str:
     """The `ray` executable of this Python environment (works without an activated venv)."""
     beside = Path(sys.executable).parent / "ray"
@@ -89,7 +95,10 @@ def up(model_uri: str = typer.Argument(None, help="models:/NAME@champion (defaul
        port: int = typer.Option(None, help="HTTP port (default from the config: 8000)"),
        quantization: str = typer.Option(None, help="serve the version quantized with this scheme (w8a8 ...)"),
        watch: bool = typer.Option(False, help="keep running and roll out each new champion"),
-       interval: float = typer.Option(10.0, help="seconds between alias checks with --watch")) -> None:
+       interval: float = typer.Option(10.0, help="seconds between alias checks with --watch"),
+       api_key: str = typer.Option(None, "--api-key", envvar="PRIVLM_API_KEY",
+                                   help="a key the gateway accepts, besides those in auth.api_keys_env "
+                                        "(PRIVLM_API_KEYS)")) -> None:
     """Serve MODEL_URI on a Ray cluster (a local one is started if none runs)."""
     from pydantic import ValidationError
 
@@ -100,6 +109,8 @@ def up(model_uri: str = typer.Argument(None, help="models:/NAME@champion (defaul
 
     try:
         settings = load_settings(config, {"model_uri": model_uri, "port": port, "quantization": quantization})
+        if api_key:
+            add_api_key(settings.auth.api_keys_env, api_key)
         from serving.app import prepare
 
         settings = prepare(settings)
