@@ -524,7 +524,8 @@ def _export(recipe: Recipe, runner: Any, rank: RankInfo, pos: Position, layout: 
     ft = recipe.finetune
     lineage = {**_meta(recipe, pos, layout), "step": pos.step, "eval_loss": eval_loss, **method_eval,
                "method": ft.method if ft else "pretrain", "data_format": recipe.data.format,
-               "base_model": ft.base if ft else None}
+               "base_model": ft.base if ft else None,
+               "reference_model": (ft.dpo.reference or ft.base) if ft and ft.method == "dpo" else None}
     tokenizer_dir, run = recipe.data_path / "tokenizer", RunDir.of(recipe)
     out = run.model_dir
     if _is_lora(recipe):

@@ -86,13 +86,20 @@ def test_chat_sft_resumes_bitwise_and_ships_its_chat_template(sft: dict[str, Any
     assert summary["eval_loss"] > 0  # assistant-token loss on the held-out chats
 
 
-def test_dpo_logs_margin_and_accuracy_and_resumes_bitwise(sft: dict[str, Any]) -> None:
+@pytest.fixture(scope="module")
+def dpo(sft: dict[str, Any]) -> dict[str, Any]:
+    """DPO of the SFT model (its own frozen reference), SIGKILLed at step 4 and resumed, beside a fresh copy."""
     root = sft["root"]
     finetune = {"method": "dpo", "base": str(sft["run"] / "model"), "dpo": {"beta": 0.1}}
     recipe = post_recipe(root, "dpo", sft["tokenizer"], PREFERENCE, finetune, training={"eval_every": 3})
     privlm("data", "prepare", str(recipe))
     resumed, fresh = train_twice(recipe, root / "dpo", 4)
-    assert resumed == fresh and len(fresh) == 6
+    return {"run": root / "dpo", "resumed": resumed, "fresh": fresh}
+
+
+def test_dpo_logs_margin_and_accuracy_and_resumes_bitwise(sft: dict[str, Any], dpo: dict[str, Any]) -> None:
+    root = sft["root"]
+    assert dpo["resumed"] == dpo["fresh"] and len(dpo["fresh"]) == 6
     records = [json.loads(x) for x in (root / "dpo" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward_margin" in r]
     # step 1: the policy is the reference, so every implicit reward is 0; then it moves away from it
@@ -102,6 +109,28 @@ def test_dpo_logs_margin_and_accuracy_and_resumes_bitwise(sft: dict[str, Any]) -
     assert evals and "eval_preference_accuracy" in evals[-1]
     lineage = json.loads((root / "dpo" / "model" / "privlm.json").read_text())
     assert lineage["method"] == "dpo" and 0.0 <= lineage["eval_preference_accuracy"] <= 1.0
+    assert lineage["reference_model"] == str(sft["run"] / "model")
+
+
+def test_each_method_is_registered_with_lineage_and_evaluated_its_way(sft: dict[str, Any], dpo: dict[str, Any],
+                                                                     mlflow_server) -> None:
+    """SFT: assistant-token perplexity on held-out chats; DPO: preference accuracy against its reference on
+    held-out pairs, the same measure as in the run (same model, same pairs: the same number)."""
+    from mlflow import MlflowClient
+
+    env = {**run_env(), "MLFLOW_TRACKING_URI": mlflow_server.uri}
+    client = MlflowClient(mlflow_server.uri)
+    for run in (sft["run"], dpo["run"]):
+        privlm("model", "register", str(run), "--name", "post-methods", env=env)
+    chat_v, dpo_v = sorted(int(v.version) for v in client.search_model_versions("name='post-methods'"))[-2:]
+    for v in (chat_v, dpo_v):
+        privlm("model", "evaluate", "post-methods", str(v), env=env)
+    chat, pref = (client.get_model_version("post-methods", str(v)).tags for v in (chat_v, dpo_v))
+    assert chat["privlm.method"] == "full" and chat["privlm.data_format"] == "chat"
+    assert float(chat["eval.eval_perplexity"]) > 1 and "eval.eval_preference_accuracy" not in chat
+    assert pref["privlm.method"] == "dpo" and pref["privlm.parent"] == f"post-methods/{chat_v}"
+    in_run = json.loads((dpo["run"] / "model" / "privlm.json").read_text())["eval_preference_accuracy"]
+    assert float(pref["eval.eval_preference_accuracy"]) == pytest.approx(in_run, abs=1e-4)
 
 
 def test_distillation_from_a_registered_teacher_into_a_smaller_student(sft: dict[str, Any], mlflow_server) -> None:
