@@ -141,6 +141,7 @@ def plan_command(
     requests_per_s: float = typer.Option(10.0), tokens_per_request: float = typer.Option(500.0),
     context: int = typer.Option(4096), serve_batch: int = typer.Option(16),
     latency_target_s: float = typer.Option(None),
+    as_json: bool = typer.Option(False, "--json", help="the numbers as JSON (with the total GPU-hours)"),
 ) -> None:
     """What hardware does this model need? Training memory per GPU, smallest configurations, serving replicas."""
     from rich.console import Console
@@ -168,21 +169,47 @@ def plan_command(
         typer.secho("give --params (and the shape) or --recipe", fg="red", err=True)
         raise typer.Exit(2)
     shape = TrainShape(params, layers, hidden, heads, seq_len, micro_batch, vocab)
+    variants = ((False, False), (True, False), (False, True), (True, True))  # (activation ckpt, CPU offload)
+    memory = {stage: [None if off and stage == 0 else train_memory_gib(shape, stage, 8, off, ck)
+                      for ck, off in variants] for stage in range(4)}
+    options = smallest_fits(shape, tokens, mfu)
+    hours = [o["gpu_hours"] for o in options]
+    as_written = None
+    if recipe is not None:
+        as_written = {"gpus": t.world_size, "tensor": r.parallel.tensor, "pipeline": r.parallel.pipeline,
+                      "data": r.data_parallel, "zero_stage": r.deepspeed.zero_stage,
+                      "gib_per_gpu": train_memory_gib(shape, r.deepspeed.zero_stage, t.world_size,
+                                                      r.deepspeed.offload_optimizer != "none",
+                                                      t.activation_checkpointing, r.parallel.tensor,
+                                                      r.parallel.pipeline)}
+    head_dim = hidden // heads
+    rep = replicas_needed(params, requests_per_s, tokens_per_request, gpus()["H100"].bf16_dense_tflops,
+                          latency_target_s=latency_target_s, batch=serve_batch)
+    serving = {q: serving_memory_gib(params, layers, kv_heads or heads, head_dim, context, serve_batch, q)
+               for q in ("bf16", "int8", "int4")}
+    if as_json:
+        typer.echo(json.dumps({
+            "params": params, "tokens": tokens, "mfu": mfu, "sequence_length": seq_len, "micro_batch": micro_batch,
+            "training_memory_gib_8_gpus": {f"zero{stage}": dict(zip(("plain", "activation_checkpointing",
+                                                                     "cpu_offload", "both"), row, strict=True))
+                                           for stage, row in memory.items()},
+            "options": options, "total_gpu_hours": {"min": min(hours, default=None), "max": max(hours, default=None)},
+            "recipe_as_written": as_written, "serving": {"memory_gib": serving, "replicas_on_h100": rep}},
+            indent=1, default=str))
+        return
     console = Console()
     mem = Table(title=f"training memory per GPU (GiB), {params / 1e9:.2f}B params, seq {seq_len}, micro batch "
                       f"{micro_batch}, 8 GPUs")
     mem.add_column("ZeRO")
     for col in ("plain", "+ activation ckpt", "+ CPU offload", "+ both"):
         mem.add_column(col, justify="right")
-    for stage in range(4):
-        mem.add_row(str(stage), *("-" if off and stage == 0 else f"{train_memory_gib(shape, stage, 8, off, ck):,.1f}"
-                                  for ck, off in ((False, False), (True, False), (False, True), (True, True))))
+    for stage, row in memory.items():
+        mem.add_row(str(stage), *("-" if gib is None else f"{gib:,.1f}" for gib in row))
     console.print(mem)
     fits = Table(title=f"smallest configurations that fit, {tokens / 1e9:,.0f}B tokens at {mfu:.0%} MFU")
     for col in ("instance", "GPUs", "nodes", "T x P x D", "ZeRO", "offload", "act. ckpt", "GiB/GPU", "GPU-hours",
                 "days", "on-demand cost"):
         fits.add_column(col, justify="right")
-    options = smallest_fits(shape, tokens, mfu)
     for o in options:
         layout = f"{o['tensor']} x {o['pipeline']} x {o['data']}"
         fits.add_row(o["instance_type"], str(o["gpus"]), str(o["nodes"]), layout, str(o["zero_stage"]),
@@ -190,25 +217,18 @@ def plan_command(
                      f"{o['gib_per_gpu']:.1f}", f"{o['gpu_hours']:,.0f}", f"{o['days']:.1f}",
                      f"${o['on_demand_usd']:,.0f}")
     console.print(fits)
-    if recipe is not None:
-        layout = f"{r.parallel.tensor} x {r.parallel.pipeline} x {r.data_parallel}"
-        gib = train_memory_gib(shape, r.deepspeed.zero_stage, t.world_size, r.deepspeed.offload_optimizer != "none",
-                               t.activation_checkpointing, r.parallel.tensor, r.parallel.pipeline)
-        console.print(f"the recipe as written: {t.world_size} GPUs, T x P x D = {layout}, "
-                      f"ZeRO-{r.deepspeed.zero_stage}: {gib:,.1f} GiB per GPU")
+    if as_written is not None:
+        w = as_written
+        console.print(f"the recipe as written: {w['gpus']} GPUs, T x P x D = {w['tensor']} x {w['pipeline']} x "
+                      f"{w['data']}, ZeRO-{w['zero_stage']}: {w['gib_per_gpu']:,.1f} GiB per GPU")
     if options:
-        console.print(f"total GPU-hours: {min(o['gpu_hours'] for o in options):,.0f} to "
-                      f"{max(o['gpu_hours'] for o in options):,.0f} (6·N·D FLOPs at {mfu:.0%} MFU, by GPU)")
+        console.print(f"total GPU-hours: {min(hours):,.0f} to {max(hours):,.0f} (6·N·D FLOPs at {mfu:.0%} MFU, by GPU)")
     serve = Table(title=f"serving: context {context}, batch {serve_batch}, {requests_per_s} req/s x "
                         f"{tokens_per_request:.0f} tokens")
     for col in ("quantization", "weights GiB", "KV cache GiB", "total GiB", "replicas on H100"):
         serve.add_column(col, justify="right")
-    head_dim = hidden // heads
-    for q in ("bf16", "int8", "int4"):
-        s = serving_memory_gib(params, layers, kv_heads or heads, head_dim, context, serve_batch, q)
-        rep = replicas_needed(params, requests_per_s, tokens_per_request, gpus()["H100"].bf16_dense_tflops,
-                              latency_target_s=latency_target_s, batch=serve_batch)
-        serve.add_row(q, f"{s['weights_gib']:.1f}", f"{s['kv_cache_gib']:.1f}", f"{s['total_gib']:.1f}",
+    for q, m in serving.items():
+        serve.add_row(q, f"{m['weights_gib']:.1f}", f"{m['kv_cache_gib']:.1f}", f"{m['total_gib']:.1f}",
                       str(rep["replicas"]))
     console.print(serve)
     if "warning" in rep:

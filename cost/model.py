@@ -214,6 +214,15 @@ def break_even_month(cloud: list[float], own: list[float]) -> int | None:
     return next((m for m, (c, o) in enumerate(zip(cloud, own, strict=True)) if m > 0 and o <= c), None)
 
 
+def projected_break_even_month(c: dict[str, float], o: dict[str, float]) -> int | None:
+    """The first month owning has cost no more than renting, were both to go on at their annual rates past
+    the horizon (no residual value); None when owning never catches up."""
+    gap, monthly = o["upfront"] - c["upfront"], (o["annual"] - c["annual"]) / 12
+    if monthly >= 0:
+        return 1 if gap + monthly <= 0 else None
+    return max(1, math.ceil(gap / -monthly - 1e-9))
+
+
 def analyse(s: Scenario) -> dict[str, Any]:
     """Everything the report shows, as plain numbers."""
     c, o = cloud_costs(s), own_costs(s)
@@ -229,6 +238,7 @@ def analyse(s: Scenario) -> dict[str, Any]:
         "npv": {"cloud": npv(c["upfront"], c["annual"], s.years, s.cost_of_capital),
                 "own": npv(o["upfront"], o["annual"], s.years, s.cost_of_capital, o["residual"])},
         "break_even_month": break_even_month(curves["cloud"], curves["own"]),
+        "break_even_month_projected": projected_break_even_month(c, o),
         "cheaper": "own" if totals["own"] < totals["cloud"] else "cloud",
     }
     own_annualised = (o["upfront"] - o["residual"]) / s.years + o["annual"]
