@@ -7,16 +7,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from cost import workload as wl
 from cost.prices import gpu_for, instances, lookup, servers
+from privlm.validation import Strict, render
 
 HOURS_PER_YEAR = 8760.0
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 
@@ -143,9 +142,7 @@ def load_scenario(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     try:
         return Scenario.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})"
-                 for e in exc.errors()]
-        raise ScenarioError(f"{path} is not a valid scenario:\n  - " + "\n  - ".join(lines)) from None
+        raise ScenarioError(render(exc, str(path), "scenario")) from None
 
 
 def cloud_costs(s: Scenario) -> dict[str, Any]:

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, IPvAnyNetwork, ValidationError, model_validator
+from pydantic import ConfigDict, Field, IPvAnyAddress, IPvAnyNetwork, ValidationError, model_validator
 
 from infra.findings import Finding
+from privlm.validation import Strict as _Strict
+from privlm.validation import render
 
 Fabric = Literal["infiniband", "efa", "ethernet"]
 NAME = r"^[a-z][a-z0-9-]*$"
@@ -28,10 +30,10 @@ class SpecError(ValueError):
     """A cluster spec that cannot be used; the message names the field, the value and the fix."""
 
 
-class Strict(BaseModel):
-    """Unknown fields are errors, so a typo never silently falls back to a default."""
+class Strict(_Strict):
+    """privlm.validation's strict base, frozen: a spec is read once and never changed."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
 
 class Gpus(Strict):
@@ -242,7 +244,7 @@ class AwsSpec(ClusterSpec):
 PROVIDERS: dict[str, type[ClusterSpec]] = {"onprem": OnPremSpec, "aws": AwsSpec}
 
 
-def parse_spec(data: dict[str, Any]) -> ClusterSpec:
+def parse_spec(data: dict[str, Any], source: str = "the cluster spec") -> ClusterSpec:
     """Validate a spec of any registered provider (`provider:` picks the model; default onprem)."""
     provider = data.get("provider", "onprem")
     if provider not in PROVIDERS:
@@ -250,8 +252,7 @@ def parse_spec(data: dict[str, Any]) -> ClusterSpec:
     try:
         return PROVIDERS[provider].model_validate(data)
     except ValidationError as exc:
-        problems = [f"{'.'.join(str(x) for x in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()]
-        raise SpecError("; ".join(problems)) from None
+        raise SpecError(render(exc, source, "cluster spec")) from None
 
 
 def load_spec(path: str | Path) -> ClusterSpec:
@@ -259,7 +260,7 @@ def load_spec(path: str | Path) -> ClusterSpec:
     data = yaml.safe_load(Path(path).read_text())
     if not isinstance(data, dict):
         raise SpecError(f"{path}: a cluster spec is a YAML mapping (name, provider, node_groups, ...)")
-    return parse_spec(data)
+    return parse_spec(data, str(path))
 
 
 # Valid FSx for Lustre sizes (CreateFileSystem StorageCapacity, AWS FSx API reference): for the SSD types

@@ -14,13 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from privlm.validation import Strict as _Strict
+from privlm.validation import problems, render
 
 
-class Strict(BaseModel):
-    """Base model: unknown keys are errors (a typo must not be silently ignored)."""
+class Strict(_Strict):
+    """privlm.validation's strict base; assignments are validated too (`--set` overrides, merges)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(validate_assignment=True)
 
 
 PosInt = Annotated[int, Field(gt=0)]
@@ -312,10 +315,7 @@ class DataConfig(Strict):
         try:
             return FilterConfig(**{**self.filters.model_dump(), **override})
         except ValidationError as exc:
-            problems = "; ".join(f"language_filters.{lang}.{'.'.join(map(str, e['loc'])) or 'filters'}: "
-                                 f"{e['msg'].removeprefix('Value error, ')} (got {e['input']!r})"
-                                 for e in exc.errors())
-            raise ValueError(problems) from None
+            raise ValueError("; ".join(problems(exc, f"language_filters.{lang}"))) from None
 
 
 class EarlyStoppingConfig(Strict):
@@ -720,26 +720,12 @@ class RecipeError(ValueError):
     """A recipe that cannot run, with one line per problem: field, value, what is allowed."""
 
 
-def _describe(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"]) or "(recipe)"
-    value = err.get("input")
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        return f"{loc}: unknown field (check its spelling against the recipe schema)"
-    if err["type"] == "missing":
-        return f"{loc}: required field is missing"
-    if isinstance(value, dict):  # a check across fields: the message names them and their values
-        return f"{loc}: {msg}"
-    return f"{loc}: {msg} (got {value!r})"
-
-
 def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
     """Validate a recipe mapping; raise RecipeError listing every problem."""
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        lines = [_describe(e) for e in exc.errors()]
-        raise RecipeError(f"{source} is not a valid recipe:\n  - " + "\n  - ".join(lines)) from None
+        raise RecipeError(render(exc, source, "recipe")) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

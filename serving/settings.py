@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from privlm.validation import Strict, problems
 
 
 class ABSplit(Strict):
@@ -155,8 +153,6 @@ def settings_error(exc: Exception) -> str:
     """A pydantic ValidationError as one line per field, in the recipes' wording (field, problem, value)."""
     from pydantic import ValidationError
 
-    from jobs.recipe import _describe
-
     if not isinstance(exc, ValidationError):
         return str(exc)
-    return "\n".join(_describe(e) for e in exc.errors())
+    return "\n".join(problems(exc))
