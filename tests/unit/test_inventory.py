@@ -156,7 +156,7 @@ def test_example_spec_describes_the_example_inventory() -> None:
     (lambda s: s["node_groups"][0]["hosts"][1].update(address="10.0.1.1"),
      "host gpu02: address 10.0.1.1 is already used by gpu01"),
     (lambda s: s["node_groups"][1]["hosts"][0].update(name="gpu01"), "host gpu01: name is used twice"),
-    (lambda s: s["node_groups"][0].update(gpus={"type": "h100"}), "node_groups.0.gpus.count: required field is missing; add it"),
+    (lambda s: s["node_groups"][0].update(gpus={"type": "h100"}), "node_groups.0.gpus.count: required field is missing"),
     (lambda s: s["node_groups"][0].update(fabric="efa"), "node group h100: fabric='efa' exists only on AWS"),
     (lambda s: s["partitions"][1].update(default=True), "partitions: only one may have default: true"),
     (lambda s: s["partitions"][0].update(node_groups=["a100"]), "partition train: node_groups ['a100'] do not exist"),

@@ -132,7 +132,7 @@ STRUCTURE = {
                            "node_groups.0.capacity.reservation_id: String should match pattern"),
     "count above max": (group(count=5, max_count=4), "node group p5: count=5 must lie between min_count=5 and "
                                                      "max_count=4"),
-    "missing cost centre": (lambda d: d["tags"].pop("cost_centre"), "tags.cost_centre: required field is missing; add it"),
+    "missing cost centre": (lambda d: d["tags"].pop("cost_centre"), "tags.cost_centre: required field is missing"),
     "SCRATCH_1 (cannot link to S3)": (lambda d: d["fsx"].update(deployment_type="SCRATCH_1"),
                                       "fsx.deployment_type: Input should be 'SCRATCH_2', 'PERSISTENT_1' or"),
     "typo in a field": (group(instance_typ="p5.48xlarge"), "node_groups.0.instance_typ: unknown field"),
