@@ -6,9 +6,21 @@ No Pulumi import: the spec reads it before anything is created.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Level = Literal["error", "warning"]
+
+
+def get(props: Any, *path: str | int, default: Any = None) -> Any:
+    """A nested resource property, e.g. get(r.props, "metadataOptions", "httpTokens"); `default` when absent or
+    null. The policies and the offline recorder read resources through it."""
+    value = props
+    for key in path:
+        try:
+            value = value[key]
+        except (KeyError, IndexError, TypeError):
+            return default
+    return default if value is None else value
 
 
 @dataclass(frozen=True)

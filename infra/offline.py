@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from infra.findings import Finding, Level
+from infra.findings import Finding, Level, get
 from infra.program import PROJECT
 
 STACKS = Path(__file__).resolve().parent / "stacks"
@@ -39,13 +39,7 @@ class Recorded:
 
     def get(self, *path: str | int, default: Any = None) -> Any:
         """A nested input, e.g. r.get("metadataOptions", "httpTokens")."""
-        value: Any = self.inputs
-        for key in path:
-            try:
-                value = value[key]
-            except (KeyError, IndexError, TypeError):
-                return default
-        return default if value is None else value
+        return get(self.inputs, *path, default=default)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Any
 
 from pulumi_policy import EnforcementLevel, PolicyResource, ReportViolation, StackValidationArgs, StackValidationPolicy
 
-from infra.findings import Level
+from infra.findings import Level, get
 from infra.hardware import instance_types
 
 REQUIRED_TAGS = ("privlm:cluster", "owner", "cost-centre")
@@ -43,17 +43,6 @@ SECRET_PATTERNS = {
 }
 # A policy's enforcement level, as the level of the Findings `privlm infra check` prints for it.
 LEVELS: dict[EnforcementLevel, Level] = {EnforcementLevel.MANDATORY: "error", EnforcementLevel.ADVISORY: "warning"}
-
-
-def get(props: Any, *path: str | int, default: Any = None) -> Any:
-    """A nested property, e.g. get(r.props, "metadataOptions", "httpTokens"); `default` when absent or null."""
-    value = props
-    for key in path:
-        try:
-            value = value[key]
-        except (KeyError, IndexError, TypeError):
-            return default
-    return default if value is None else value
 
 
 @dataclass
