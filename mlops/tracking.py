@@ -218,7 +218,9 @@ class RunTracker:
 
     def __init__(self, recipe: Recipe, uri: str | None = None) -> None:
         self.recipe = recipe
-        self.outbox = Outbox(recipe.run_path / "tracking", uri or tracking_uri(), recipe.registry.experiment,
+        from jobs.run_dir import RunDir
+
+        self.outbox = Outbox(RunDir.of(recipe).tracking_dir, uri or tracking_uri(), recipe.registry.experiment,
                              run_name=recipe.name)
 
     def start(self, resumed_step: int | None, extra_tags: dict[str, str]) -> None:
@@ -278,7 +280,9 @@ def _sha256(path: Path) -> str:
 
 def sync(run_dir: Path, uri: str | None = None, timeout_s: float = 30.0) -> int:
     """Deliver what a run's outbox still holds; return how many records remain."""
-    state_dir = run_dir / "tracking"
+    from jobs.run_dir import RunDir
+
+    state_dir = RunDir.at(run_dir).tracking_dir
     if not (state_dir / "outbox.jsonl").is_file():
         raise FileNotFoundError(f"{run_dir} has no tracking outbox (was it trained with registry.tracking on?)")
     outbox = Outbox(state_dir, uri or tracking_uri(), experiment="privlm", run_name=run_dir.name)

@@ -27,6 +27,7 @@ from typing import TextIO
 
 from jobs.launch.preemption import STOP_SIGNALS, STOPPED, shell_code
 from jobs.recipe import Recipe, dump_recipe
+from jobs.run_dir import RunDir
 from jobs.train.distributed import accelerator_env, has_cuda, rank_env_present
 
 
@@ -45,9 +46,8 @@ def _die_with_parent() -> None:
 
 def write_resolved_recipe(recipe: Recipe) -> Path:
     """Save the validated recipe in the run directory; the ranks read this exact file."""
-    run = recipe.run_path
-    run.mkdir(parents=True, exist_ok=True)
-    target = run / "recipe.yaml"
+    target = RunDir.of(recipe).recipe_file
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".yaml.tmp")
     tmp.write_text(dump_recipe(recipe))
     os.replace(tmp, target)
