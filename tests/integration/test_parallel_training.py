@@ -75,6 +75,20 @@ def test_model_parallel_run_resumes_bitwise_after_a_rank_is_killed(layout: dict,
     assert exported_loss(tmp_path / "ref" / "model", small_data) == pytest.approx(summary["eval_loss"], rel=1e-4)
 
 
+@pytest.mark.parametrize("stage", [0, 2])  # ZeRO-1 runs in the test above; 3 is refused with tensor parallelism
+def test_tensor_parallel_trains_under_the_other_zero_stages_it_accepts(stage: int, tmp_path: Path,
+                                                                     small_data: Path) -> None:
+    recipe = recipe_at(tmp_path, small_data, f"tp-zero{stage}", parallel={"tensor": 2},
+                       deepspeed={"zero_stage": stage}, training={"max_steps": 6, "warmup_steps": 1})
+    out = privlm("train", "run", str(recipe)).stdout
+    assert f"ZeRO-{stage}" in out and "tensor 2 x pipeline 1 x data 1" in out
+    losses = read_losses(tmp_path / f"tp-zero{stage}")
+    assert sorted(losses) == list(range(1, 7)) and losses[6] < losses[1]
+    summary = json.loads((tmp_path / f"tp-zero{stage}" / "summary.json").read_text())
+    assert exported_loss(tmp_path / f"tp-zero{stage}" / "model", small_data) == pytest.approx(summary["eval_loss"],
+                                                                                              rel=1e-4)
+
+
 @pytest.fixture(scope="module")
 def zero1_reference(tmp_path_factory: pytest.TempPathFactory, small_data: Path) -> Path:
     """An uninterrupted 2-rank ZeRO-1 run recording its samples: what every changed-world-size run must see."""
