@@ -272,7 +272,7 @@ def test_job_state_restarts_and_nodes_come_from_slurms_json(slurm_cluster_2node:
 
     cluster = slurm_cluster_2node
     submit_env(cluster)
-    job_id = cluster.sbatch("-p", cluster.low_partition, "--wrap", "sleep 120")
+    job_id = cluster.sbatch("-p", cluster.low_partition, "-o", str(tmp_path / "slurm-%j.out"), "--wrap", "sleep 120")
     rec = JobRecord(job_id, "slurm", "train", "sleeper", str(tmp_path / "run"), str(tmp_path), time.time(),
                     str(cluster.slurm_conf))
     running = wait_for(lambda: (s := slurmctld_state(rec)) and s["state"] == "RUNNING" and s, 60)
