@@ -14,7 +14,7 @@ cost_app = typer.Typer(help="Cloud versus own hardware: TCO, break-even, NPV, re
 
 def _scenario(path: Path, live_prices: bool) -> Any:
     from cost.model import ScenarioError, load_scenario
-    from cost.prices import CatalogError
+    from infra.hardware import CatalogError
 
     try:
         scenario = load_scenario(path)
@@ -22,9 +22,10 @@ def _scenario(path: Path, live_prices: bool) -> Any:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(2) from None
     if live_prices and scenario.cloud.pricing == "spot":
-        from cost.prices import instances, live_spot_price
+        from cost.prices import live_spot_price
+        from infra.hardware import instance_types
 
-        inst = instances()[scenario.cloud.instance_type]
+        inst = instance_types()[scenario.cloud.instance_type]
         price = live_spot_price(inst.instance_type, inst.region)
         if price is None:
             typer.echo("no live spot price (no AWS credentials or no data): using the catalog's discount")
@@ -97,8 +98,8 @@ def run_cost(run_id: str, mfu: float = typer.Option(0.4, help="assumed MFU on th
     from rich.console import Console
     from rich.table import Table
 
-    from cost.prices import gpu_for, instances
     from cost.workload import gpu_hours, training_flops
+    from infra.hardware import gpu_for, instance_types
     from mlops.tracking import client
 
     run = client().get_run(run_id)
@@ -116,7 +117,7 @@ def run_cost(run_id: str, mfu: float = typer.Option(0.4, help="assumed MFU on th
     for col in ("hardware", "GPU-hours", "hours", "cost"):
         t.add_column(col, justify="right")
     t.add_row(f"as run ({used})", f"{seconds * world / 3600:.3f}", f"{seconds / 3600:.3f}", "-")
-    for inst in instances().values():
+    for inst in instance_types().values():
         h = gpu_hours(training_flops(n, tokens), gpu_for(inst.gpu).bf16_dense_tflops, mfu)
         t.add_row(inst.instance_type, f"{h:.4f}", f"{h / inst.gpus:.4f}",
                   f"${h / inst.gpus * inst.on_demand_usd_per_hour:,.4f}")
@@ -148,7 +149,7 @@ def plan_command(
     from rich.table import Table
 
     from cost.plan import TrainShape, replicas_needed, serving_memory_gib, smallest_fits, train_memory_gib
-    from cost.prices import gpus
+    from infra.hardware import gpus
 
     if recipe is not None:
         from jobs.recipe import RecipeError, load_recipe

@@ -10,7 +10,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from cost import workload as wl
-from cost.prices import gpu_for, instances, lookup, servers
+from infra.hardware import gpu_for, instance_types, lookup, servers
 from privlm.validation import Strict, render
 
 HOURS_PER_YEAR = 8760.0
@@ -73,7 +73,7 @@ class Cloud(Strict):
     @model_validator(mode="after")
     def _known(self) -> Cloud:
         if self.fixed_annual_usd is None and self.usd_per_request is None:
-            lookup(instances(), self.instance_type, "cloud.instance_type")
+            lookup(instance_types(), self.instance_type, "cloud.instance_type")
         unknown = set(self.storage_tb) - set(self.storage_usd_per_tb_month)
         if unknown:
             raise ValueError(f"cloud.storage_tb has {sorted(unknown)} without a price in storage_usd_per_tb_month")
@@ -151,7 +151,7 @@ def cloud_costs(s: Scenario) -> dict[str, Any]:
     if c.fixed_annual_usd is not None or c.usd_per_request is not None:
         annual = (c.fixed_annual_usd or 0.0) + (c.usd_per_request or 0.0) * s.workload.requests_per_year
         return {"upfront": c.upfront_usd, "annual": annual, "parts": {"quoted": annual}, "usd_per_gpu_hour": None}
-    inst = instances()[c.instance_type]
+    inst = instance_types()[c.instance_type]
     train_h, infer_h = s.workload.gpu_hours(inst.gpu)
     price = inst.on_demand_usd_per_hour
     slowdown = 1.0
@@ -253,7 +253,7 @@ def analyse(s: Scenario) -> dict[str, Any]:
 def unit_costs(s: Scenario, totals: dict[str, float]) -> dict[str, dict[str, float | None]]:
     """Cost per million training tokens and per thousand requests, splitting costs by GPU-hours."""
     w = s.workload
-    gpu = instances()[s.cloud.instance_type].gpu if s.cloud.instance_type in instances() else "H100"
+    gpu = instance_types()[s.cloud.instance_type].gpu if s.cloud.instance_type in instance_types() else "H100"
     train_h, infer_h = w.gpu_hours(gpu)
     share = train_h / (train_h + infer_h) if train_h + infer_h else 0.0
     out = {}

@@ -8,8 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from cost.prices import gpus, instances
 from cost.workload import gpu_hours, training_flops
+from infra.hardware import gpus, instance_types
 
 GIB = 1024**3
 
@@ -96,7 +96,7 @@ def layouts(n_gpus: int, gpus_per_node: int, shape: TrainShape) -> list[tuple[in
 def smallest_fits(shape: TrainShape, tokens: float, mfu: float = 0.4, limit: int = 8) -> list[dict[str, Any]]:
     """For each catalog instance type, the fewest GPUs (whole nodes beyond one) that fit, cheapest first."""
     options = []
-    for inst in instances().values():
+    for inst in instance_types().values():
         gpu = gpus().get(inst.gpu)
         if gpu is None:
             continue

@@ -315,7 +315,7 @@ def _no_infiniband_on_aws(spec: AwsSpec) -> Iterator[Finding]:
 
 def _type_offered_in_region(spec: AwsSpec) -> Iterator[Finding]:
     for i, group, itype in _catalog_types(spec):
-        if itype is not None and spec.region not in itype.on_demand_usd_per_hour:
+        if itype is not None and spec.region not in itype.prices:
             yield Finding("error", f"node_groups.{i}.instance_type",
                           f"{group.instance_type} has no capacity in region {spec.region} per infra/catalog/"
                           f"regions.csv; use region {' or '.join(itype.regions) or '(none listed)'}, another type, "
@@ -346,7 +346,8 @@ def _ssh_not_open_to_the_world(spec: AwsSpec) -> Iterator[Finding]:
 def _spot_price_below_on_demand(spec: AwsSpec) -> Iterator[Finding]:
     for i, group, itype in _catalog_types(spec):
         cap = group.capacity.max_price_usd_per_hour
-        on_demand = itype.on_demand_usd_per_hour.get(spec.region) if itype else None
+        price = itype.prices.get(spec.region) if itype else None
+        on_demand = price.usd_per_hour if price else None
         if cap is not None and on_demand is not None and cap > on_demand:
             yield Finding("warning", f"node_groups.{i}.capacity.max_price_usd_per_hour",
                           f"{cap} is above the on-demand price of {group.instance_type} in {spec.region} "

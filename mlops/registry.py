@@ -152,20 +152,18 @@ def _new_run(mlflow_client: Any, recipe: Any) -> str:
 
 
 def _log_model(model_dir: Path, run_id: str, uri: str) -> tuple[str, str | None]:
-    """Log the Hugging Face directory with the transformers flavor; return its model URI and id."""
+    """Log the Hugging Face directory with the transformers flavor, from its files (the weights are copied,
+    never loaded); return its model URI and id."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # mlflow.transformers imports DeepSpeed
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tokenizer}, name="model", task="text-generation",
+            transformers_model=str(Path(model_dir).resolve()), name="model", task="text-generation",
             pip_requirements=PIP_REQUIREMENTS,
         )
     return info.model_uri, getattr(info, "model_id", None)

@@ -29,7 +29,17 @@ from ray.serve.exceptions import BackPressureError
 from mlops.feedback import FeedbackStore, score_of
 from serving.api import ApiError, ChatRequest, CompletionRequest, FeedbackRequest, engine_request, invalid, parse
 from serving.auth import ANONYMOUS, Authenticator, Caller, env_key_hashes
-from serving.engine import Served, ServingError, check_quantization, group, llm_deployment, resolve, served_name, slug
+from serving.engine import (
+    Served,
+    ServingError,
+    check_quantization,
+    group,
+    llm_deployment,
+    quantization_of,
+    resolve,
+    served_name,
+    slug,
+)
 from serving.filter import BlockList
 from serving.settings import ServeSettings
 
@@ -184,7 +194,7 @@ class Gateway:
     def _card(self, model_id: str) -> dict[str, Any]:
         served = self.routes.get(model_id, self.routes["champion"])
         return {"id": model_id, "object": "model", "created": 0, "owned_by": "privlm",
-                "version": served.version}
+                "version": served.version, "quantization": quantization_of(served.base_dir)}
 
     async def _handle(self, request: Request, kind: type, chat: bool) -> Any:
         endpoint = "chat" if chat else "completions"

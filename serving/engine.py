@@ -35,6 +35,18 @@ def chat_template(model_dir: str | Path) -> str | None:
     return None if has or (Path(model_dir) / "chat_template.jinja").is_file() else DEFAULT_CHAT_TEMPLATE
 
 
+def quantization_of(model_dir: str | Path) -> dict[str, str] | None:
+    """The quantization vLLM loads a directory with: `quantization_config` of its config.json (vLLM picks its
+    kernels from it), as {"method", "format"}; None for an unquantized model."""
+    import json
+
+    config = Path(model_dir) / "config.json"
+    quant = json.loads(config.read_text()).get("quantization_config") if config.is_file() else None
+    if not quant:
+        return None
+    return {"method": str(quant.get("quant_method")), "format": str(quant.get("format"))}
+
+
 class ServingError(ValueError):
     """A serving configuration that cannot be deployed; the message says why and what to do."""
 

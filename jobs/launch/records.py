@@ -1,9 +1,10 @@
 """What `privlm jobs` knows about submitted jobs: one JSON record per job, and its live state.
 
 Records live in `$PRIVLM_JOBS_DIR` (default `runs/.jobs`): job id, executor, kind (train, data), recipe
-name, run directory and submitit folder. State comes from Slurm (`scontrol`, then `sacct` once the job has
-left slurmctld's memory) or, for the local executor, from the controller process; restarts and the last
-checkpoint come from the run directory, so they are right whichever scheduler ran the job.
+name, run directory and submitit folder. State comes from Slurm's JSON (slurmctld's through `squeue --json`, then
+`sacct --json` once the job has left slurmctld's memory) or, for the local executor, from the controller process
+and submitit's job object; resumes and the last checkpoint come from the run directory, so they are right
+whichever scheduler ran the job.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import time
@@ -77,45 +77,77 @@ def _slurm_env(rec: JobRecord) -> dict[str, str]:
     return {**os.environ, **({"SLURM_CONF": rec.slurm_conf} if rec.slurm_conf else {})}
 
 
-def _scontrol_fields(rec: JobRecord) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", "-o", rec.job_id], capture_output=True, text=True,
-                         env=_slurm_env(rec), timeout=30)
-    return dict(re.findall(r"(\w+)=(\S*)", out.stdout)) if out.returncode == 0 else {}
+def _slurm_json(rec: JobRecord, *argv: str) -> list[dict[str, Any]]:
+    """The `jobs` list of a Slurm client's `--json` output ([] when the client fails or knows no such job)."""
+    out = subprocess.run(argv, capture_output=True, text=True, env=_slurm_env(rec), timeout=30)
+    if out.returncode != 0 or not out.stdout.strip():
+        return []
+    return list(json.loads(out.stdout).get("jobs", []))
 
 
-def _sacct_state(rec: JobRecord) -> str | None:
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", rec.job_id, "-o", "State"], capture_output=True,
-                         text=True, env=_slurm_env(rec), timeout=30)
-    states = out.stdout.split()
-    return states[-1].split()[0] if out.returncode == 0 and states else None
+def _state_name(value: Any) -> str:
+    """A job state as Slurm's JSON gives it: a string (22.05), a list of flags or {"current": ...} (23.02+)."""
+    if isinstance(value, dict):
+        value = value.get("current", "UNKNOWN")
+    if isinstance(value, list):
+        value = value[0] if value else "UNKNOWN"
+    return str(value)
+
+
+def _is_job(job: dict[str, Any], job_id: str) -> bool:
+    """Whether a JSON job entry is JOB_ID (a plain id, or ARRAY_TASK of an array)."""
+    array_id, _, task = job_id.partition("_")
+    if task:
+        return str(job.get("array_job_id")) == array_id and str(job.get("array_task_id")) == task
+    return str(job.get("job_id")) == job_id
+
+
+def slurmctld_state(rec: JobRecord) -> dict[str, Any] | None:
+    """State, restarts and nodes from slurmctld's JSON (`squeue --json`: 22.05's `scontrol` has no `--json`,
+    `scontrol show job --json` needs 23.02); None once slurmctld has forgotten the job."""
+    jobs = [j for j in _slurm_json(rec, "squeue", "--json", "--states=all", "--jobs", rec.job_id)
+            if _is_job(j, rec.job_id)]
+    if not jobs:
+        return None
+    job = jobs[0]
+    return {"state": _state_name(job.get("job_state")), "restarts": int(job.get("restart_cnt", 0)),
+            "nodes": job.get("nodes") or None}
+
+
+def sacct_state(rec: JobRecord) -> dict[str, Any] | None:
+    """State, restarts and nodes from `sacct --json` (the accounting database: one record per start of the job,
+    a requeued one marked REQUEUED; nodes: where it last ran); None without accounting."""
+    jobs = _slurm_json(rec, "sacct", "--json", "-X", "-j", rec.job_id)
+    if not jobs:
+        return None
+    last = jobs[-1]
+    restarts = sum(_state_name(j.get("state")) == "REQUEUED" for j in jobs)
+    ran_on = [j["nodes"] for j in jobs if j.get("nodes") and j["nodes"] != "None assigned"]
+    return {"state": _state_name(last.get("state")), "restarts": restarts, "nodes": ran_on[-1] if ran_on else None}
 
 
 def _local_state(rec: JobRecord) -> str:
+    """RUNNING while the controller lives; then what submitit's job object says of its result."""
     try:
         os.kill(int(rec.job_id), 0)
         return "RUNNING"
     except ProcessLookupError:
-        result = Path(rec.folder) / f"{rec.job_id}_0_result.pkl"
-        if not result.is_file():
-            return "STOPPED"
-        import pickle
-
-        outcome, _ = pickle.loads(result.read_bytes())
-        return "COMPLETED" if outcome == "success" else "FAILED"
+        pass
     except PermissionError:
         return "RUNNING"
+    from submitit.local.local import LocalJob
+
+    job: LocalJob[Any] = LocalJob(rec.folder, rec.job_id)
+    if job.state != "FINISHED":  # no process and no result: stopped before it could write one
+        return "STOPPED"
+    return "COMPLETED" if job.exception() is None else "FAILED"
 
 
 def state(rec: JobRecord) -> dict[str, Any]:
     """Live state: scheduler state, Slurm restarts, resumes seen by the trainer, last checkpoint, nodes."""
     info: dict[str, Any] = {"state": "UNKNOWN", "restarts": None, "nodes": None}
     if rec.executor == "slurm":
-        fields = _scontrol_fields(rec)
-        if fields:
-            info.update(state=fields.get("JobState", "UNKNOWN"), restarts=int(fields.get("Restarts", 0)),
-                        nodes=fields.get("NodeList"))
-        else:
-            info["state"] = _sacct_state(rec) or "UNKNOWN (purged; no accounting)"
+        info.update(slurmctld_state(rec) or sacct_state(rec) or {"state": "UNKNOWN (purged; no accounting)"})
     else:
         info["state"] = _local_state(rec)
     run = RunDir.at(rec.run_dir)

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from jobs.train.distributed import REPO_ROOT
-
-GPU_CATALOG = REPO_ROOT / "infra" / "catalog" / "gpus.csv"
 
 
 def measure_cpu_peak_flops(size: int = 512, repeats: int = 5) -> float:
@@ -32,15 +27,12 @@ def measure_cpu_peak_flops(size: int = 512, repeats: int = 5) -> float:
 
 def gpu_peak_flops(device_name: str, precision: str) -> float | None:
     """Dense peak FLOP/s of a GPU from the hardware catalog (matched on its marketing name)."""
-    if not GPU_CATALOG.is_file():
+    from infra.hardware import gpu_by_device_name
+
+    gpu = gpu_by_device_name(device_name)
+    if gpu is None:
         return None
-    column = "bf16_dense_tflops" if precision in ("bf16", "fp16") else "tf32_dense_tflops"
-    with open(GPU_CATALOG) as fh:
-        rows = sorted(csv.DictReader(fh), key=lambda r: -len(r["match"]))
-    for row in rows:
-        if row["match"].lower() in device_name.lower():
-            return float(row[column]) * 1e12
-    return None
+    return (gpu.bf16_dense_tflops if precision in ("bf16", "fp16") else gpu.tf32_dense_tflops) * 1e12
 
 
 def peak_flops(device: str, precision: str) -> tuple[float, str]:
@@ -52,7 +44,7 @@ def peak_flops(device: str, precision: str) -> tuple[float, str]:
         peak = gpu_peak_flops(name, precision)
         if peak is not None:
             return peak, f"catalog: {name}"
-        return measure_cuda_peak_flops(), f"measured matmul on {name} (not in {GPU_CATALOG.name})"
+        return measure_cuda_peak_flops(), f"measured matmul on {name} (not in infra/catalog/gpus.csv)"
     return measure_cpu_peak_flops(), "measured fp32 matmul on this CPU"
 
 

@@ -613,5 +613,10 @@ def test_the_quantized_version_is_served_by_scheme(endpoint) -> None:
     endpoint["deploy"](quantization="w8a8", adapters=[], ab={"enabled": False})
     r = post(endpoint, "/v1/completions", {"model": "served", "prompt": "def main", "max_tokens": 8})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
-    mv = endpoint["registered"]["client"].get_model_version("served", r.headers["x-privlm-model-version"][8:])
+    version = r.headers["x-privlm-model-version"]
+    mv = endpoint["registered"]["client"].get_model_version("served", version.removeprefix("served/v"))
     assert mv.tags["privlm.quantized_from"] == "served/1" and mv.tags["privlm.quant_scheme"] == "w8a8"
+    with client(endpoint["tls"]) as c:
+        card = c.get("/v1/models/served", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert card["version"] == version  # the model answering is the quantized version ...
+    assert card["quantization"] == {"method": "compressed-tensors", "format": "int-quantized"}  # ... loaded as int8

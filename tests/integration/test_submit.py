@@ -262,3 +262,27 @@ def test_data_preparation_runs_as_an_array_then_the_global_pass(
     write_recipe(tmp_path / "arr.yaml", data)
     again = privlm("data", "submit", str(tmp_path / "arr.yaml"), "--executor", "slurm", env=env).stdout
     assert "is up to date: nothing submitted" in again
+
+
+def test_job_state_restarts_and_nodes_come_from_slurms_json(slurm_cluster_2node: SlurmCluster, submit_env,
+                                                             tmp_path: Path) -> None:
+    """slurmctld's JSON (`squeue --json`) while it knows the job, a requeue counting as a restart; `sacct --json`
+    from the accounting database, the same answers."""
+    from jobs.launch.records import JobRecord, sacct_state, slurmctld_state
+
+    cluster = slurm_cluster_2node
+    submit_env(cluster)
+    job_id = cluster.sbatch("-p", cluster.low_partition, "-o", str(tmp_path / "slurm-%j.out"), "--wrap", "sleep 120")
+    rec = JobRecord(job_id, "slurm", "train", "sleeper", str(tmp_path / "run"), str(tmp_path), time.time(),
+                    str(cluster.slurm_conf))
+    running = wait_for(lambda: (s := slurmctld_state(rec)) and s["state"] == "RUNNING" and s, 60)
+    assert running and running["restarts"] == 0 and running["nodes"] in cluster.nodes
+    assert running["nodes"] == cluster.job_field(job_id, "NodeList")
+    cluster.run("scontrol", "requeue", job_id, check=True)
+    requeued = wait_for(lambda: (s := slurmctld_state(rec)) and s["state"] in ("PENDING", "RUNNING") and s, 30)
+    assert requeued and requeued["restarts"] == 1
+    cluster.run("scancel", job_id, check=True)
+    assert wait_for(lambda: (s := slurmctld_state(rec)) and s["state"] == "CANCELLED", 30)
+    assert cluster.accounting
+    accounted = wait_for(lambda: (s := sacct_state(rec)) and s["state"] == "CANCELLED" and s, 30)
+    assert accounted and accounted["nodes"] == running["nodes"] and accounted["restarts"] == 1

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from cost.model import Scenario, ScenarioError, analyse, break_even_month, cumulative, load_scenario, npv, sensitivity
 from cost.plan import TrainShape, model_state_bytes, smallest_fits
-from cost.prices import CatalogError
 from cost.workload import interruption_cost
+from infra.hardware import CatalogError
 from jobs.train.schedule import young_daly_interval
 from tests.helpers import REPO
 

@@ -163,3 +163,16 @@ def test_serve_up_finds_ray_without_an_activated_venv(monkeypatch) -> None:
 
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # as `.venv/bin/privlm` runs from a plain shell
     assert Path(ray_cli()) == Path(sys.executable).parent / "ray" and Path(ray_cli()).is_file()
+
+
+def test_the_model_card_quantization_is_what_config_json_tells_vllm(tmp_path) -> None:
+    import json
+
+    from serving.engine import quantization_of
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    assert quantization_of(tmp_path) is None
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {}}}))
+    assert quantization_of(tmp_path) == {"method": "compressed-tensors", "format": "int-quantized"}
+    assert quantization_of(tmp_path / "missing") is None

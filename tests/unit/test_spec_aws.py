@@ -193,3 +193,21 @@ def test_catalog_agrees_with_ec2_describe_instance_types(monkeypatch: pytest.Mon
             d["VCpuInfo"]["DefaultVCpus"], d["MemoryInfo"]["SizeInMiB"] / 1024, d["NetworkInfo"]["MaximumNetworkCards"],
             d["NetworkInfo"].get("EfaInfo", {}).get("MaximumEfaInterfaces", 0), gpu["Count"]), name
         assert itype.gpu.split("-")[0] == gpu["Name"], name
+
+
+def test_each_catalog_fact_is_stored_once_and_every_reader_uses_it() -> None:
+    """Prices live only in regions.csv; cost and MFU read the same rows as the spec validators."""
+    from cost.model import cloud_costs, load_scenario
+    from jobs.train.metrics import gpu_peak_flops
+
+    with open(CATALOG / "instances.csv", newline="") as fh:
+        assert "on_demand_usd_per_hour" not in (csv.DictReader(fh).fieldnames or [])
+    p5 = instance_types()["p5.48xlarge"]
+    assert (p5.region, p5.on_demand_usd_per_hour) == ("us-east-1", p5.prices["us-east-1"].usd_per_hour)
+    scenario = load_scenario(REPO / "recipes" / "cost" / "h100-buy-vs-p5-rent.yaml")
+    assert (scenario.cloud.instance_type, scenario.cloud.pricing) == ("p5.48xlarge", "on_demand")
+    assert cloud_costs(scenario)["usd_per_gpu_hour"] == pytest.approx(
+        p5.on_demand_usd_per_hour / p5.gpus * (1 + scenario.cloud.support_pct))
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989.4e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", "fp32") == 156.0e12
+    assert gpu_peak_flops("Tesla T4", "bf16") is None
