@@ -639,6 +639,10 @@ class Recipe(Strict):
         if low > t.nodes:
             return [f"slurm.min_nodes={low} is above training.nodes={t.nodes}; set slurm.min_nodes to at most "
                     f"{t.nodes} (or leave it unset to require all {t.nodes})"]
+        if low < t.nodes and t.processes_per_node > 1:
+            return [f"slurm.min_nodes={low} with training.processes_per_node={t.processes_per_node}: a node range "
+                    "runs one rank per node (with --ntasks-per-node Slurm allocates the range's minimum); set "
+                    "training.processes_per_node: 1 or leave slurm.min_nodes unset"]
         for nodes in range(low, t.nodes):
             world = nodes * t.processes_per_node
             why = parallel_problems(self, world)

@@ -137,6 +137,10 @@ def executor_for(recipe: Recipe, kind: str, folder: Path) -> submitit.Executor:
     cpus = s.cpus_per_task or t.threads_per_process or 1
     params: dict[str, Any] = {"timeout_min": s.time_limit_min, "nodes": t.nodes, "tasks_per_node": t.processes_per_node,
                               "cpus_per_task": cpus, "name": f"privlm-{recipe.name}", "stderr_to_stdout": True}
+    if s.min_nodes is not None and s.min_nodes < t.nodes:
+        # with --ntasks-per-node, Slurm sizes a node range by its minimum (measured, 22.05): leave it out so
+        # the job gets as many nodes as are free; srun then starts one task (rank) per node
+        del params["tasks_per_node"]
     if kind == "local":
         if t.nodes > 1:
             raise SubmitError(f"training.nodes={t.nodes}: the local executor runs on this machine only; "

@@ -109,6 +109,8 @@ def test_min_nodes_becomes_one_node_range_line_and_must_fit_every_admitted_size(
         recipe(tmp_path, training=two, slurm={"min_nodes": 3})
     with pytest.raises(RecipeError, match=r"slurm\.min_nodes.*greater than 0"):
         recipe(tmp_path, training=two, slurm={"min_nodes": 0})
+    with pytest.raises(RecipeError, match=r"processes_per_node=2: a node range runs one rank per node"):
+        recipe(tmp_path, training={**two, "processes_per_node": 2}, slurm={"min_nodes": 1})
     four = {**SMALL["training"], "nodes": 4, "processes_per_node": 1}  # 16 samples do not split over 3 ranks
     with pytest.raises(RecipeError, match=r"slurm.min_nodes=1: on 3 node\(s\) \(3 ranks\).*raise slurm.min_nodes"):
         recipe(tmp_path, training=four, slurm={"min_nodes": 1})
