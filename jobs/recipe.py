@@ -563,6 +563,8 @@ class SlurmConfig(Strict):
 
     partition: str | None = Field(None, description="Slurm partition; None uses the cluster's default")
     time_limit_min: PosInt = Field(60, description="wall-clock limit per run; a job past it checkpoints and requeues")
+    min_nodes: PosInt | None = Field(None, description="accept MIN..training.nodes nodes (sbatch --nodes=MIN-MAX): a "
+                                     "requeue onto fewer nodes resumes the checkpoint on the smaller world size")
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
@@ -618,7 +620,7 @@ class Recipe(Strict):
                              "set data.format: preference (prompt, chosen, rejected)")
         if self.data.format == "preference" and (ft is None or ft.method != "dpo"):
             raise ValueError("data.format='preference' is for finetune.method: dpo")
-        problems = parallel_problems(self, self.training.world_size)
+        problems = parallel_problems(self, self.training.world_size) or self._min_nodes_problems()
         if problems:
             raise ValueError("\n  - ".join(problems))
         if self.finetune and self.finetune.method == "lora" and self.model.architecture == "gpt2":
@@ -628,6 +630,26 @@ class Recipe(Strict):
                     f"finetune.lora.target_modules={sorted(bad)} do not exist in gpt2; use c_attn, c_proj, c_fc"
                 )
         return self
+
+    def _min_nodes_problems(self) -> list[str]:
+        """slurm.min_nodes: at most training.nodes, and every node count it admits must split the batch."""
+        t, low = self.training, self.slurm.min_nodes
+        if low is None:
+            return []
+        if low > t.nodes:
+            return [f"slurm.min_nodes={low} is above training.nodes={t.nodes}; set slurm.min_nodes to at most "
+                    f"{t.nodes} (or leave it unset to require all {t.nodes})"]
+        if low < t.nodes and t.processes_per_node > 1:
+            return [f"slurm.min_nodes={low} with training.processes_per_node={t.processes_per_node}: a node range "
+                    "runs one rank per node (with --ntasks-per-node Slurm allocates the range's minimum); set "
+                    "training.processes_per_node: 1 or leave slurm.min_nodes unset"]
+        for nodes in range(low, t.nodes):
+            world = nodes * t.processes_per_node
+            why = parallel_problems(self, world)
+            if why:
+                return [f"slurm.min_nodes={low}: on {nodes} node(s) ({world} ranks) the job could not run: {why[0]}; "
+                        f"raise slurm.min_nodes above {nodes} or pick a batch every admitted size divides"]
+        return []
 
     @property
     def data_parallel(self) -> int:

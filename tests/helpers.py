@@ -89,6 +89,17 @@ def read_losses(run_dir: Path) -> dict[int, float]:
     return losses
 
 
+def read_samples(run: Path) -> dict[int, list[int]]:
+    """step -> sorted block ids trained at that step over all data-parallel ranks, from the latest launch
+    that trained it (tensor/pipeline peers of a data rank record the same ids); training.record_samples."""
+    by_step: dict[int, dict[float, dict[int, list[int]]]] = {}
+    for f in sorted((run / "samples").glob("rank-*.jsonl")):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            by_step.setdefault(rec["step"], {}).setdefault(rec["attempt"], {})[rec["data_rank"]] = rec["ids"]
+    return {s: sorted(i for ids in attempts[max(attempts)].values() for i in ids) for s, attempts in by_step.items()}
+
+
 def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
     """Block until the run has logged `step` (the process must stay alive meanwhile)."""
     deadline = time.monotonic() + timeout

@@ -113,9 +113,10 @@ def check_fits(recipe: Recipe, partition: Partition) -> list[str]:
     """Every reason the job cannot run on the partition as asked (empty when it fits)."""
     t, s = recipe.training, recipe.slurm
     problems = []
-    if t.nodes > partition.nodes:
-        problems.append(f"training.nodes={t.nodes} but partition {partition.name} has {partition.nodes} node(s); "
-                        f"set training.nodes<={partition.nodes}")
+    if (s.min_nodes or t.nodes) > partition.nodes:
+        asked = f"slurm.min_nodes={s.min_nodes}" if s.min_nodes else f"training.nodes={t.nodes}"
+        problems.append(f"{asked} but partition {partition.name} has {partition.nodes} node(s); "
+                        f"set {asked.split('=')[0]}<={partition.nodes}")
     gpus = gpus_per_node(recipe, partition)
     if gpus > partition.gpus_per_node:
         problems.append(f"the job asks for {gpus} GPU(s) per node (slurm.gpus_per_node or "
@@ -155,11 +156,15 @@ def check_time_limit(recipe: Recipe) -> list[str]:
 
 
 def sbatch_options(recipe: Recipe) -> dict[str, object]:
-    """Extra #SBATCH options of the recipe: account, QoS, constraint, requeue, and its own `slurm.sbatch`."""
-    s = recipe.slurm
+    """Extra #SBATCH options of the recipe: account, QoS, constraint, requeue, the node range of
+    `slurm.min_nodes`, and its own `slurm.sbatch`. submitit writes these over its own parameters, so
+    `nodes: "MIN-MAX"` replaces its `--nodes=MAX` line."""
+    s, t = recipe.slurm, recipe.training
     extra: dict[str, object] = {k: v for k, v in {"account": s.account, "qos": s.qos,
                                                   "constraint": s.constraint}.items() if v}
     extra["requeue"] = True
+    if s.min_nodes is not None and s.min_nodes < t.nodes:
+        extra["nodes"] = f"{s.min_nodes}-{t.nodes}"
     extra.update({k.replace("-", "_"): (True if v == "" else v) for k, v in s.sbatch.items()})
     return extra
 

@@ -111,12 +111,24 @@ def recipe_for_allocation(recipe_file: str, nodes: int, tasks: int) -> Recipe:
 
 
 def result_of(recipe: Recipe) -> dict[str, Any]:
-    """What a finished job returns: final step, last logged loss, held-out loss of the exported model, resumes."""
+    """What a finished job returns: final step, last logged loss, held-out loss of the exported model, resumes,
+    and the number of ranks (tasks) of the run that finished it (fewer than submitted after a shrink)."""
     run = RunDir.of(recipe)
     step, loss, resumes = run.progress()
     eval_loss = (run.summary() or {}).get("eval_loss")
     return {"name": recipe.name, "step": step, "loss": loss, "eval_loss": eval_loss, "resumes": resumes,
-            "model_dir": str(run.model_dir.resolve())}
+            "model_dir": str(run.model_dir.resolve()), "world_size": recipe.training.world_size}
+
+
+def job_results(job: Any) -> list[dict[str, Any]]:
+    """Every task's result of a finished job. submitit waits for as many tasks as were submitted; a job
+    requeued onto fewer nodes (slurm.min_nodes) finishes with fewer, so rank 0's result says how many
+    tasks the last run had and only those are read."""
+    if job.num_tasks == 1:
+        return job.results()
+    first = job.task(0).result()
+    tasks = min(job.num_tasks, int(first.get("world_size", job.num_tasks)))
+    return [first, *(job.task(i).result() for i in range(1, tasks))]
 
 
 def executor_for(recipe: Recipe, kind: str, folder: Path) -> submitit.Executor:
@@ -125,6 +137,10 @@ def executor_for(recipe: Recipe, kind: str, folder: Path) -> submitit.Executor:
     cpus = s.cpus_per_task or t.threads_per_process or 1
     params: dict[str, Any] = {"timeout_min": s.time_limit_min, "nodes": t.nodes, "tasks_per_node": t.processes_per_node,
                               "cpus_per_task": cpus, "name": f"privlm-{recipe.name}", "stderr_to_stdout": True}
+    if s.min_nodes is not None and s.min_nodes < t.nodes:
+        # with --ntasks-per-node, Slurm sizes a node range by its minimum (measured, 22.05): leave it out so
+        # the job gets as many nodes as are free; srun then starts one task (rank) per node
+        del params["tasks_per_node"]
     if kind == "local":
         if t.nodes > 1:
             raise SubmitError(f"training.nodes={t.nodes}: the local executor runs on this machine only; "
@@ -185,7 +201,7 @@ def follow(job: Any, recipe: Recipe, console: Any = None) -> list[dict[str, Any]
                TextColumn("{task.fields[status]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("train", total=total, status="queued")
-        while not job.done():
+        while not job.task(0).done():  # rank 0 always runs; other tasks may be gone after a shrink
             step, loss, resumes = RunDir.of(recipe).progress()
             status = (f"loss {loss:.3f}" if loss is not None else "starting") + (f", resumed x{resumes}"
                                                                                  if resumes else "")
@@ -194,7 +210,7 @@ def follow(job: Any, recipe: Recipe, console: Any = None) -> list[dict[str, Any]
         step, loss, _ = RunDir.of(recipe).progress()
         bar.update(task, completed=step, status=f"loss {loss:.3f}" if loss is not None else "")
     try:
-        return job.results()
+        return job_results(job)
     except Exception:
         console.print(f"[red]job {job.job_id} failed; its log ends with:\n" + (job.stdout() or "")[-3000:])
         raise

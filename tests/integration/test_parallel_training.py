@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import SMALL, merge, privlm, read_losses, run_env, write_recipe
+from tests.helpers import SMALL, merge, privlm, read_losses, read_samples, run_env, write_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -21,17 +21,6 @@ def recipe_at(tmp_path: Path, data: Path, name: str, **sections) -> Path:
     base = merge(SMALL, {"name": name, "run_dir": str(run), "data": {"output_dir": str(data)},
                          "checkpoint": {"directory": str(run / "ckpt")}, "training": {"record_samples": True}})
     return write_recipe(tmp_path / f"{name}.yaml", merge(base, sections))
-
-
-def read_samples(run: Path) -> dict[int, list[int]]:
-    """step -> sorted block ids trained at that step over all data-parallel ranks, from the latest launch
-    that trained it (tensor/pipeline peers of a data rank record the same ids)."""
-    by_step: dict[int, dict[float, dict[int, list[int]]]] = {}
-    for f in sorted((run / "samples").glob("rank-*.jsonl")):
-        for line in f.read_text().splitlines():
-            rec = json.loads(line)
-            by_step.setdefault(rec["step"], {}).setdefault(rec["attempt"], {})[rec["data_rank"]] = rec["ids"]
-    return {s: sorted(i for ids in attempts[max(attempts)].values() for i in ids) for s, attempts in by_step.items()}
 
 
 def events(run: Path, kind: str) -> list[dict]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import SMALL, FakeIMDS, fake_imds, merge, privlm, read_losses, run_env, write_recipe
+from tests.helpers import SMALL, FakeIMDS, fake_imds, merge, privlm, read_losses, read_samples, run_env, write_recipe
 from tests.integration.slurm_fixture import SlurmCluster
 
 pytestmark = pytest.mark.integration
@@ -73,7 +73,7 @@ def final_loss(run: Path, step: int) -> float:
 
 @pytest.fixture(scope="module")
 def reference(slurm_cluster: SlurmCluster, small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """An uninterrupted 40-step job on Slurm: its result and losses, for the interrupted runs to match."""
+    """An uninterrupted 40-step job on Slurm: its result, losses and samples, for the interrupted runs to match."""
     import os
 
     from jobs.launch.submit import submit_training
@@ -83,7 +83,7 @@ def reference(slurm_cluster: SlurmCluster, small_data: Path, tmp_path_factory: p
     os.environ.update(SLURM_CONF=str(slurm_cluster.slurm_conf), PRIVLM_JOBS_DIR=str(tmp / "jobs"),
                       MLFLOW_TRACKING_URI=run_env()["MLFLOW_TRACKING_URI"])
     try:
-        job = submit_training(recipe(tmp, small_data, "reference"), "slurm")
+        job = submit_training(recipe(tmp, small_data, "reference", training={"record_samples": True}), "slurm")
         results = job.results()
     finally:
         for k, v in saved.items():
@@ -91,6 +91,7 @@ def reference(slurm_cluster: SlurmCluster, small_data: Path, tmp_path_factory: p
     from jobs.run_dir import RunDir
 
     return {"result": results[0], "losses": read_losses(tmp / "reference"), "job": job.job_id,
+            "samples": read_samples(tmp / "reference"),
             "step_s": RunDir.at(tmp / "reference").step_seconds()}
 
 
@@ -191,6 +192,47 @@ def test_two_nodes_get_ranks_and_world_size_and_train_like_one(
     hosts = slurm_cluster_2node.run("scontrol", "show", "hostnames", nodelist).stdout.split()
     assert sorted(hosts) == slurm_cluster_2node.nodes
     assert final_loss(tmp_path / "twonode", 40) == pytest.approx(reference["losses"][40], rel=1e-3)
+
+
+def test_a_requeue_onto_fewer_nodes_resumes_on_one_rank_with_the_same_samples(
+        slurm_cluster_2node: SlurmCluster, small_data: Path, tmp_path: Path, submit_env, reference: dict) -> None:
+    """2 nodes x 1 rank with slurm.min_nodes=1: once a checkpoint exists one node is drained and the job
+    preempted; the requeued job runs on the node left, reshaped to 1 rank, and trains every sample once."""
+    from jobs.launch.submit import job_results
+
+    cluster = slurm_cluster_2node
+    submit_env(cluster)
+    job, run = start_and_reach(tmp_path, small_data, "fewer", 10, slurm={"min_nodes": 1},
+                               training={"nodes": 2, "processes_per_node": 1, "record_samples": True})
+    script = job.paths.submission_file.read_text()
+    assert "#SBATCH --nodes=1-2" in script and script.count("--nodes") == 1, script
+    assert "--ntasks-per-node" not in script  # with it, Slurm would start the range on its minimum
+    assert (run / "ckpt" / "latest").is_file()  # checkpoint.interval is 4 steps
+    first = cluster.run("scontrol", "show", "hostnames", cluster.job_field(job.job_id, "NodeList")).stdout.split()
+    assert sorted(first) == cluster.nodes
+    gone, left = first[1], first[0]  # rank 1's node goes; rank 0's stays
+    try:
+        cluster.run("scontrol", "update", f"nodename={gone}", "state=drain", "reason=test", check=True)
+        job._interrupt()  # TERM, then submitit's preemption signal: checkpoint and requeue
+        ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+        state = wait_for(lambda: (s := cluster.job_field(job.job_id, "JobState")) in ended and s, 300, every=2)
+        assert state == "COMPLETED", (state, (job.task(0).stdout() or "")[-3000:])
+    finally:
+        cluster.run("scontrol", "update", f"nodename={gone}", "state=resume", check=True)
+    assert int(cluster.job_field(job.job_id, "Restarts") or 0) == 1
+    assert cluster.job_field(job.job_id, "NumNodes") == "1" and cluster.job_field(job.job_id, "NodeList") == left
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 40 and summary["samples"] == 40 * 16
+    results = job_results(job)  # submitit counts 2 tasks; the last run had 1
+    assert len(results) == 1 and results[0]["world_size"] == 1 and results[0]["step"] == 40, results
+    assert results[0]["resumes"] == 1
+    starts = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+              if '"event": "start"' in line]
+    assert [(s["world_size"], s["resumed"], s["reshaped"]) for s in starts] == [(2, False, False), (1, True, True)]
+    assert "reshaped from 2 ranks" in (job.task(0).stdout() or "")
+    assert read_samples(run) == reference["samples"]  # nothing skipped or repeated across the change
+    assert sorted(read_losses(run)) == list(range(1, 41))
+    assert final_loss(run, 40) == pytest.approx(reference["losses"][40], rel=1e-3)
 
 
 def test_bad_requests_are_refused_before_submission(

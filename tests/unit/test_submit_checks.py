@@ -91,3 +91,58 @@ def test_a_job_with_fewer_tasks_runs_the_recipe_resized(tmp_path) -> None:
                                                                            "processes_per_node": 2}}))
     with pytest.raises(SubmitError, match=r"(?s)got 4 tasks on 2 node.*global_batch_size=24"):
         recipe_for_allocation(str(odd), 2, 4)
+
+
+def test_min_nodes_becomes_one_node_range_line_and_must_fit_every_admitted_size(tmp_path: Path) -> None:
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from jobs.recipe import RecipeError
+
+    two = {**SMALL["training"], "nodes": 2, "processes_per_node": 1}
+    r = recipe(tmp_path, training=two, slurm={"min_nodes": 1})
+    assert sbatch_options(r)["nodes"] == "1-2"
+    script = _make_sbatch_string("true", tmp_path, nodes=2, additional_parameters=sbatch_options(r))
+    assert [line for line in script.splitlines() if "--nodes" in line] == ["#SBATCH --nodes=1-2"]
+    assert "nodes" not in sbatch_options(recipe(tmp_path, training=two, slurm={"min_nodes": 2}))
+    assert "nodes" not in sbatch_options(recipe(tmp_path, training=two))
+    with pytest.raises(RecipeError, match=r"slurm.min_nodes=3 is above training.nodes=2; set slurm.min_nodes to at"):
+        recipe(tmp_path, training=two, slurm={"min_nodes": 3})
+    with pytest.raises(RecipeError, match=r"slurm\.min_nodes.*greater than 0"):
+        recipe(tmp_path, training=two, slurm={"min_nodes": 0})
+    with pytest.raises(RecipeError, match=r"processes_per_node=2: a node range runs one rank per node"):
+        recipe(tmp_path, training={**two, "processes_per_node": 2}, slurm={"min_nodes": 1})
+    four = {**SMALL["training"], "nodes": 4, "processes_per_node": 1}  # 16 samples do not split over 3 ranks
+    with pytest.raises(RecipeError, match=r"slurm.min_nodes=1: on 3 node\(s\) \(3 ranks\).*raise slurm.min_nodes"):
+        recipe(tmp_path, training=four, slurm={"min_nodes": 1})
+    assert recipe(tmp_path, training=four, slurm={"min_nodes": 4}).slurm.min_nodes == 4
+
+
+def test_the_sinfo_check_needs_only_the_minimum_of_a_node_range(tmp_path: Path) -> None:
+    four = {**SMALL["training"], "nodes": 4, "processes_per_node": 1, "global_batch_size": 48}  # splits 2, 3, 4
+    assert check_fits(recipe(tmp_path, training=four, slurm={"min_nodes": 2}), CPU) == []
+    (problem,) = check_fits(recipe(tmp_path, training=four, slurm={"min_nodes": 3}), CPU)
+    assert "slurm.min_nodes=3 but partition batch has 2 node(s); set slurm.min_nodes<=2" in problem
+
+
+class FakeTask:
+    def __init__(self, result: dict | None) -> None:
+        self._result = result
+
+    def result(self) -> dict:
+        if self._result is None:
+            raise AssertionError("waited for a task that never ran")
+        return self._result
+
+
+def test_job_results_reads_only_the_tasks_of_the_run_that_finished() -> None:
+    from jobs.launch.submit import job_results
+
+    def job(*results: dict | None) -> SimpleNamespace:
+        tasks = [FakeTask(r) for r in results]
+        return SimpleNamespace(num_tasks=len(tasks), task=tasks.__getitem__, results=lambda: [results[0]])
+
+    shrunk = job({"step": 40, "world_size": 1}, None)  # requeued onto one node: task 1 has no result
+    assert job_results(shrunk) == [{"step": 40, "world_size": 1}]
+    full = job({"step": 40, "world_size": 2}, {"step": 40, "world_size": 2})
+    assert len(job_results(full)) == 2
+    assert job_results(job({"step": 3, "world_size": 1})) == [{"step": 3, "world_size": 1}]
