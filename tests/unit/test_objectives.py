@@ -133,3 +133,23 @@ def test_distill_loss_equals_the_formula() -> None:
     assert same.item() == pytest.approx(0.0, abs=1e-7)
     with pytest.raises(ValueError, match="tokenizer"):
         distill_loss(student, teacher[..., :1], labels)
+
+
+def test_the_trainers_language_modelling_objective_keeps_packed_samples_apart() -> None:
+    """jobs.train.methods, as the trainer calls it on a get_batch dict: the loss of a packed block is the loss of
+    its samples run one by one (dropping the mask or the reset positions would mix them)."""
+    from jobs.train.methods import LanguageModelling
+
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    a, b = torch.randint(1, 90, (1, 6)), torch.randint(1, 90, (1, 5))
+    packed = {"input_ids": torch.cat([a, b], 1), "labels": torch.cat([a, b], 1).clone(),
+              "segment_ids": torch.tensor([[1] * 6 + [2] * 5]),
+              "position_ids": torch.tensor([list(range(6)) + list(range(5))])}
+    packed["labels"][0, 6] = IGNORE  # a sample's first token is not predicted from the previous sample
+    objective = LanguageModelling(torch.float32)
+    with torch.no_grad():
+        total, count = objective.eval_sums(model, packed)
+        alone = [objective.eval_sums(model, {"input_ids": x, "labels": x}) for x in (a, b)]
+    assert count == sum(c for _, c in alone) == 5 + 4
+    assert total == pytest.approx(sum(s for s, _ in alone), rel=1e-5)
