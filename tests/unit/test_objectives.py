@@ -153,3 +153,19 @@ def test_the_trainers_language_modelling_objective_keeps_packed_samples_apart() 
         alone = [objective.eval_sums(model, {"input_ids": x, "labels": x}) for x in (a, b)]
     assert count == sum(c for _, c in alone) == 5 + 4
     assert total == pytest.approx(sum(s for s, _ in alone), rel=1e-5)
+
+
+def test_the_trainers_distillation_objective_learns_from_the_teacher() -> None:
+    """jobs.train.methods.Distillation: with alpha 0 the loss is the KL to the teacher only, zero when the
+    student is the teacher and positive for another teacher."""
+    from jobs.train.methods import Distillation
+
+    student = tiny_model()
+    batch = {"input_ids": torch.randint(1, 90, (2, 8))}
+    batch["labels"] = batch["input_ids"].clone()
+    same = Distillation(tiny_model(), "cpu", torch.float32, temperature=2.0, alpha=0.0)  # seed 3: same weights
+    other = Distillation(build_model(ModelConfig(**TINY), seed=4), "cpu", torch.float32, temperature=2.0, alpha=0.0)
+    with torch.no_grad():
+        assert float(same.loss(student, batch)) == pytest.approx(0.0, abs=1e-6)
+        assert float(other.loss(student, batch)) > 1e-3
+    assert all(not p.requires_grad for p in other.frozen.parameters())  # the teacher is never trained
