@@ -133,7 +133,8 @@ def test_each_method_is_registered_with_lineage_and_evaluated_its_way(sft: dict[
     assert float(pref["eval.eval_preference_accuracy"]) == pytest.approx(in_run, abs=1e-4)
 
 
-def test_distillation_from_a_registered_teacher_into_a_smaller_student(sft: dict[str, Any], mlflow_server) -> None:
+def test_distillation_from_a_registered_teacher_into_a_smaller_student(sft: dict[str, Any], mlflow_server,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
     env = {**run_env(), "MLFLOW_TRACKING_URI": mlflow_server.uri}
@@ -146,11 +147,8 @@ def test_distillation_from_a_registered_teacher_into_a_smaller_student(sft: dict
                                                  "alpha": 0.5}}
     recipe = post_recipe(root, "distill", sft["tokenizer"], CHAT, finetune,
                          model={"hidden_size": 32, "num_layers": 1, "intermediate_size": 64})
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server.uri  # the ranks resolve the alias through the registry
-    try:
-        resumed, fresh = train_twice(recipe, root / "distill", 4)
-    finally:
-        os.environ.pop("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)  # the ranks resolve the alias in the registry
+    resumed, fresh = train_twice(recipe, root / "distill", 4)
     assert resumed == fresh and len(fresh) == 6, out
     summary = json.loads((root / "distill" / "summary.json").read_text())
     lineage = json.loads((root / "distill" / "model" / "privlm.json").read_text())
