@@ -509,11 +509,9 @@ def _method_eval(recipe: Recipe, runner: Any, data: TrainData) -> dict[str, Any]
     if ft.method == "dpo":
         return runner.objective.eval_report()
     if ft.method == "distill":
-        from jobs.train.methods import teacher_version
-
         teacher_loss = runner.eval_loss(data.eval, teacher=True)
         return {"teacher_eval_loss": teacher_loss, "teacher_eval_perplexity": float(np.exp(teacher_loss)),
-                "teacher": teacher_version(ft.distill.teacher) or ft.distill.teacher}
+                "teacher": runner.objective.source}
     return {}
 
 

@@ -149,6 +149,7 @@ class Distillation(_WithFrozenModel):
         super().__init__(teacher, device, dtype)
         self.temperature, self.alpha = temperature, alpha
         self.lm = LanguageModelling(self.dtype)
+        self.source = ""  # the teacher as lineage records it (NAME/VERSION or its directory)
 
     def loss(self, engine: Any, batch: dict[str, Any]) -> Any:
         from jobs.train.objectives import distill_loss
@@ -188,33 +189,23 @@ def objective_for(recipe: Recipe, rank: Any, dtype: Any) -> Any:
     if ft.method == "dpo":
         return DirectPreference(load_pretrained(ft.dpo.reference or ft.base), device, dtype, ft.dpo.beta)
     if rank.rank == 0:
-        teacher = teacher_dir(ft.distill.teacher)
+        teacher, source = resolve_teacher(ft.distill.teacher)
     barrier()
     if rank.rank != 0:
-        teacher = teacher_dir(ft.distill.teacher)
-    return Distillation(load_pretrained(teacher), device, dtype, ft.distill.temperature, ft.distill.alpha)
+        teacher, source = resolve_teacher(ft.distill.teacher)
+    objective = Distillation(load_pretrained(teacher), device, dtype, ft.distill.temperature, ft.distill.alpha)
+    objective.source = source
+    return objective
 
 
-def teacher_dir(teacher: str) -> Path:
-    """A local model directory for `finetune.distill.teacher`: a directory, or a registry URI
-    (`models:/NAME@alias`, `models:/NAME/VERSION`) downloaded once into the model cache."""
+def resolve_teacher(teacher: str) -> tuple[Path, str]:
+    """(local model directory, what lineage records) for `finetune.distill.teacher`: a directory as given, or a
+    registry URI (`models:/NAME@alias`, `models:/NAME/VERSION`) resolved once to NAME/VERSION and downloaded
+    once into the model cache (a later alias move does not change what this run learned from)."""
     if not teacher.startswith("models:/"):
-        return Path(teacher)
+        return Path(teacher), teacher
     from mlops.registry import alias_version, local_model_dir
 
-    name, _, rest = teacher.removeprefix("models:/").partition("@")
-    if rest:
-        return local_model_dir(f"models:/{name}/{alias_version(name, rest).version}")
-    return local_model_dir(teacher)
-
-
-def teacher_version(teacher: str) -> str | None:
-    """`NAME/VERSION` of a registry teacher (for lineage), None for a directory."""
-    if not teacher.startswith("models:/"):
-        return None
-    from mlops.registry import alias_version
-
-    name, _, rest = teacher.removeprefix("models:/").partition("@")
-    if rest:
-        return f"{name}/{alias_version(name, rest).version}"
-    return teacher.removeprefix("models:/")
+    name, _, alias = teacher.removeprefix("models:/").partition("@")
+    version = f"{name}/{alias_version(name, alias).version}" if alias else teacher.removeprefix("models:/")
+    return local_model_dir(f"models:/{version}"), version
